@@ -1,0 +1,1 @@
+"""Evaluation: generation, tasks, metrics, task loss, test-time compute, lm-eval adapter."""

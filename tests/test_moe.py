@@ -1,0 +1,160 @@
+"""Every dispatch backend equals the naive reference, forward and gradients; losses match formulas."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moelab.config import ModelConfig
+from moelab.model.losses import load_balancing_loss, router_z_loss
+from moelab.model.moe import BACKENDS, MoE, route
+
+FAST = [b for b in BACKENDS if b != "naive"]
+
+
+def make_moe(E, k, D=16, Fh=12, backend="naive", norm=None, seed=0):
+    cfg = ModelConfig(d_model=D, d_expert=Fh, n_experts=E, top_k=k, n_heads=2, norm_topk_prob=norm, moe_backend=backend)
+    torch.manual_seed(seed)
+    moe = MoE(cfg)
+    moe.reset_parameters(0.5)
+    return moe
+
+
+def run(moe, x, backend):
+    moe.set_backend(backend)
+    moe.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    y, aux = moe(x)
+    # a loss touching every output element with distinct weights, plus the router losses
+    w = torch.linspace(-1, 1, y.numel()).view_as(y)
+    (torch.sum(y * w) + aux.aux_loss + aux.z_loss).backward()
+    grads = {n: p.grad.clone() for n, p in moe.named_parameters()}
+    return y.detach(), x.grad.clone(), grads, aux
+
+
+CASES = sorted({(E, E if k == "E" else k) for E, k in itertools.product([1, 2, 8, 64], [1, 2, "E"]) if k == "E" or k <= E})
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("E,k", CASES)
+def test_backend_matches_naive(backend, E, k):
+    moe = make_moe(E, k)
+    x = torch.randn(37, 16)
+    y0, gx0, g0, aux0 = run(moe, x, "naive")
+    y1, gx1, g1, aux1 = run(moe, x, backend)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-5)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-5, msg=f"grad of {name}")
+    assert torch.equal(aux0.tokens_per_expert_E, aux1.tokens_per_expert_E)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_skewed_routing_and_empty_experts(backend):
+    """One expert gets most tokens and several experts get none: still exact."""
+    E, k = 8, 2
+    moe = make_moe(E, k)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[3, 0] = 50.0  # expert 3 wins whenever x[:, 0] > 0
+        moe.router.weight[5, 1] = 50.0
+    x = torch.randn(64, 16)
+    x[:, 0] = x[:, 0].abs() + 0.5
+    y0, gx0, g0, aux0 = run(moe, x, "naive")
+    counts = aux0.tokens_per_expert_E
+    assert counts[3] == 64 and (counts == 0).sum() >= 4
+    y1, gx1, g1, _ = run(moe, x, backend)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-5)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-5)
+    # experts that got no token get exactly zero gradient
+    empty = (counts == 0).nonzero().flatten()
+    assert torch.all(g1["w_gate_up"][empty] == 0) and torch.all(g1["w_down"][empty] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_tokens(backend):
+    moe = make_moe(8, 2, backend=backend)
+    y, aux = moe(torch.randn(0, 16))
+    assert y.shape == (0, 16) and aux.tokens_per_expert_E.sum() == 0
+
+
+def test_dense_case_is_swiglu_ffn():
+    """E = k = 1 equals a dense SwiGLU FFN with the same weights (and has no router)."""
+    moe = make_moe(1, 1)
+    assert moe.router is None
+    x = torch.randn(20, 16)
+    y, aux = moe(x)
+    gate, up = moe.w_gate_up[0][:, :12], moe.w_gate_up[0][:, 12:]
+    ref = (F.silu(x @ gate) * (x @ up)) @ moe.w_down[0]
+    torch.testing.assert_close(y, ref)
+    assert aux.aux_loss.item() == 0 and aux.z_loss.item() == 0
+
+
+def test_topk_equals_e_is_dense_mixture():
+    """k = E with renormalisation: every expert weighted by its full softmax probability."""
+    moe = make_moe(4, 4, norm=True)
+    x = torch.randn(10, 16)
+    y, _ = moe(x)
+    probs = torch.softmax(x @ moe.router.weight.T, dim=-1)
+    ref = sum(probs[:, e : e + 1] * (F.silu(x @ moe.w_gate_up[e][:, :12]) * (x @ moe.w_gate_up[e][:, 12:])) @ moe.w_down[e] for e in range(4))
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_router_renormalisation_default():
+    assert ModelConfig(n_experts=8, top_k=1).norm_topk_prob is False
+    assert ModelConfig(n_experts=8, top_k=2).norm_topk_prob is True
+    r = route(torch.randn(5, 16), torch.randn(8, 16), 3, True)
+    torch.testing.assert_close(r.weight_TK.sum(-1), torch.ones(5))
+    r = route(torch.randn(5, 16), torch.randn(8, 16), 3, False)
+    assert torch.all(r.weight_TK.sum(-1) < 1)
+
+
+def test_load_balancing_loss_uniform_and_skewed():
+    E, k, T, alpha = 8, 2, 64, 0.01
+    probs = torch.full((T, E), 1.0 / E)
+    counts = torch.full((E,), T * k // E)
+    assert load_balancing_loss(probs, counts, k, alpha).item() == pytest.approx(alpha)
+    skew_probs = torch.zeros(T, E)
+    skew_probs[:, :2] = 0.5
+    skew_counts = torch.zeros(E, dtype=torch.long)
+    skew_counts[:2] = T
+    skewed = load_balancing_loss(skew_probs, skew_counts, k, alpha).item()
+    assert skewed == pytest.approx(alpha * E / k) and skewed > alpha
+
+
+def test_z_loss_formula():
+    logits = torch.randn(9, 8)
+    expected = 1e-3 * (torch.logsumexp(logits, -1) ** 2).mean()
+    torch.testing.assert_close(router_z_loss(logits, 1e-3), expected)
+
+
+def test_moe_layer_aux_losses_are_the_formulas():
+    moe = make_moe(8, 2)
+    x = torch.randn(50, 16)
+    _, aux = moe(x)
+    r = route(x, moe.router.weight, 2, True)
+    torch.testing.assert_close(aux.aux_loss, load_balancing_loss(r.probs_TE, r.tokens_per_expert_E, 2, 1e-2))
+    torch.testing.assert_close(aux.z_loss, router_z_loss(r.logits_TE, 1e-3))
+    assert aux.tokens_per_expert_E.sum().item() == 100
+
+
+def test_router_runs_in_fp32_under_bf16_input():
+    moe = make_moe(8, 2).to(torch.bfloat16)
+    r = route(torch.randn(4, 16, dtype=torch.bfloat16), moe.router.weight, 2, True)
+    assert r.probs_TE.dtype == torch.float32 and r.weight_TK.dtype == torch.float32
+    y, _ = moe(torch.randn(4, 16, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+
+
+def test_grouped_mm_is_deterministic():
+    moe = make_moe(16, 4, backend="grouped_mm")
+    x = torch.randn(200, 16)
+    a = run(moe, x, "grouped_mm")
+    b = run(moe, x, "grouped_mm")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert all(torch.equal(a[2][n], b[2][n]) for n in a[2])
