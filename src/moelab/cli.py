@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turn user errors into one line and a non-zero exit status."""
     _mount_subcommands()
     try:
-        app(args=argv, prog_name="moelab", standalone_mode=False)
+        rc = app(args=argv, prog_name="moelab", standalone_mode=False)
     except MoelabError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return 1
@@ -190,4 +190,4 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
-    return 0
+    return rc if isinstance(rc, int) else 0

@@ -17,6 +17,10 @@ from typing import Any, Iterator
 from .errors import MoelabError
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -40,6 +44,7 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file ordinary permissions
     tmp_path = Path(tmp)
     try:
         yield tmp_path
