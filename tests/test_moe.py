@@ -38,9 +38,18 @@ def run(moe, x, backend):
 CASES = sorted({(E, E if k == "E" else k) for E, k in itertools.product([1, 2, 8, 64], [1, 2, "E"]) if k == "E" or k <= E})
 
 
+@pytest.fixture(params=["auto", "permute"])
+def combine_strategy(request, monkeypatch):
+    """CPU uses index_select/index_add_; "permute" is the GPU path (deterministic with atomics off)."""
+    import moelab.model.moe as moe_module
+
+    monkeypatch.setattr(moe_module, "COMBINE_STRATEGY", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("E,k", CASES)
-def test_backend_matches_naive(backend, E, k):
+def test_backend_matches_naive(backend, E, k, combine_strategy):
     moe = make_moe(E, k)
     x = torch.randn(37, 16)
     y0, gx0, g0, aux0 = run(moe, x, "naive")
@@ -53,7 +62,7 @@ def test_backend_matches_naive(backend, E, k):
 
 
 @pytest.mark.parametrize("backend", FAST)
-def test_skewed_routing_and_empty_experts(backend):
+def test_skewed_routing_and_empty_experts(backend, combine_strategy):
     """One expert gets most tokens and several experts get none: still exact."""
     E, k = 8, 2
     moe = make_moe(E, k)
@@ -77,7 +86,7 @@ def test_skewed_routing_and_empty_experts(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_no_tokens(backend):
+def test_no_tokens(backend, combine_strategy):
     moe = make_moe(8, 2, backend=backend)
     y, aux = moe(torch.randn(0, 16))
     assert y.shape == (0, 16) and aux.tokens_per_expert_E.sum() == 0
@@ -89,8 +98,8 @@ def test_dense_case_is_swiglu_ffn():
     assert moe.router is None
     x = torch.randn(20, 16)
     y, aux = moe(x)
-    gate, up = moe.w_gate_up[0][:, :12], moe.w_gate_up[0][:, 12:]
-    ref = (F.silu(x @ gate) * (x @ up)) @ moe.w_down[0]
+    gate, up = moe.w_gate_up[0][:12].T, moe.w_gate_up[0][12:].T
+    ref = (F.silu(x @ gate) * (x @ up)) @ moe.w_down[0].T
     torch.testing.assert_close(y, ref)
     assert aux.aux_loss.item() == 0 and aux.z_loss.item() == 0
 
@@ -101,7 +110,8 @@ def test_topk_equals_e_is_dense_mixture():
     x = torch.randn(10, 16)
     y, _ = moe(x)
     probs = torch.softmax(x @ moe.router.weight.T, dim=-1)
-    ref = sum(probs[:, e : e + 1] * (F.silu(x @ moe.w_gate_up[e][:, :12]) * (x @ moe.w_gate_up[e][:, 12:])) @ moe.w_down[e] for e in range(4))
+    w1, w3, w2 = moe.w_gate_up[:, :12], moe.w_gate_up[:, 12:], moe.w_down
+    ref = sum(probs[:, e : e + 1] * (F.silu(x @ w1[e].T) * (x @ w3[e].T)) @ w2[e].T for e in range(4))
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -151,7 +161,7 @@ def test_router_runs_in_fp32_under_bf16_input():
     assert y.dtype == torch.bfloat16
 
 
-def test_grouped_mm_is_deterministic():
+def test_grouped_mm_is_deterministic(combine_strategy):
     moe = make_moe(16, 4, backend="grouped_mm")
     x = torch.randn(200, 16)
     a = run(moe, x, "grouped_mm")

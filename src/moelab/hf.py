@@ -147,9 +147,9 @@ def to_mixtral_tensors(model) -> dict[str, torch.Tensor]:
         out[p + "block_sparse_moe.gate.weight"] = router
         for j in range(cfg.n_experts):
             e = p + f"block_sparse_moe.experts.{j}."
-            out[e + "w1.weight"] = moe.w_gate_up[j, :, :F_].T
-            out[e + "w3.weight"] = moe.w_gate_up[j, :, F_:].T
-            out[e + "w2.weight"] = moe.w_down[j].T
+            out[e + "w1.weight"] = moe.w_gate_up[j, :F_]
+            out[e + "w3.weight"] = moe.w_gate_up[j, F_:]
+            out[e + "w2.weight"] = moe.w_down[j]
     out["model.norm.weight"] = model.norm.weight
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = model.lm_head.weight
@@ -183,8 +183,8 @@ def from_mixtral_tensors(hf: dict[str, torch.Tensor], cfg: ModelConfig, source: 
             down_EDF = take(moe + "experts.down_proj")
             if gate_up_E2FD.shape != (cfg.n_experts, 2 * F_, cfg.d_model) or down_EDF.shape != (cfg.n_experts, cfg.d_model, F_):
                 raise CheckpointError(f"{source}: expert tensors of layer {i} have shapes {tuple(gate_up_E2FD.shape)}, {tuple(down_EDF.shape)} that do not match config.json")
-            out[q + "moe.w_gate_up"] = gate_up_E2FD.transpose(1, 2).contiguous()
-            out[q + "moe.w_down"] = down_EDF.transpose(1, 2).contiguous()
+            out[q + "moe.w_gate_up"] = gate_up_E2FD
+            out[q + "moe.w_down"] = down_EDF
         else:
             gu, dn = [], []
             for j in range(cfg.n_experts):
@@ -192,8 +192,8 @@ def from_mixtral_tensors(hf: dict[str, torch.Tensor], cfg: ModelConfig, source: 
                 w1, w3, w2 = take(e + "w1.weight"), take(e + "w3.weight"), take(e + "w2.weight")
                 if w1.shape != (F_, cfg.d_model) or w3.shape != (F_, cfg.d_model) or w2.shape != (cfg.d_model, F_):
                     raise CheckpointError(f"{source}: expert {j} of layer {i} has shapes {tuple(w1.shape)}, {tuple(w3.shape)}, {tuple(w2.shape)} that do not match config.json")
-                gu.append(torch.cat([w1.T, w3.T], dim=1))
-                dn.append(w2.T)
+                gu.append(torch.cat([w1, w3], dim=0))
+                dn.append(w2)
             out[q + "moe.w_gate_up"] = torch.stack(gu)
             out[q + "moe.w_down"] = torch.stack(dn)
     out["norm.weight"] = take("model.norm.weight")

@@ -7,15 +7,18 @@ Routing (token choice, dropless): ``probs_TE = softmax(x_TD @ w_router.T)`` in f
 ``K`` largest probabilities (optionally renormalised to sum to one) and is processed by exactly those
 ``K`` experts; no capacity factor, no token is ever dropped.
 
-Expert weights are stored fused and expert-major so that one grouped matmul does the work of a
-whole layer: ``w_gate_up_EDF2`` is ``[E, D, 2F]`` (gate columns first, then up) and ``w_down_EFD`` is
-``[E, F, D]``. An expert computes ``down(silu(x @ gate) * (x @ up))``.
+Expert weights are stored fused and expert-major in the ``nn.Linear`` (out, in) layout, so that one
+grouped matmul does the work of a whole layer: ``w_gate_up_E2FD`` is ``[E, 2F, D]`` (the F gate rows
+first, then the F up rows) and ``w_down_EDF`` is ``[E, D, F]``. Expert ``e`` computes
+``silu(x @ gate_e.T) * (x @ up_e.T) @ down_e.T``; the routing weight multiplies the activation (in
+fp32) before the down projection, which is linear, so it equals weighting the expert's output.
 
 Dispatch backends (selected by ``ModelConfig.moe_backend``), all numerically equivalent:
 
 * ``grouped_mm`` -- sort the ``S`` (token, expert) slots by expert once, gather the rows, two
-  ``torch.nn.functional.grouped_mm`` calls over contiguous groups, un-sort, weight in fp32 and sum the
-  ``K`` contributions per token. No host synchronisation, no padding, deterministic combine.
+  ``torch.nn.functional.grouped_mm`` calls over contiguous groups, and sum the ``K`` weighted
+  contributions per token in fp32. No host synchronisation, no padding, deterministic combine
+  (``index_add_`` on CPU; a permutation and a fixed-order sum on GPUs, where ``index_add_`` is atomic).
 * ``loop`` -- the same sort, then a Python loop of plain matmuls over per-expert slices (works on any
   torch; synchronises once to read the group sizes).
 * ``naive`` -- the reference for tests: every expert on every token, weighted by a dense ``[T, E]``
@@ -72,65 +75,109 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _sort_slots(expert_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Order of the ``S = T*K`` slots grouped by expert (stable) and its inverse permutation."""
-    order_S = torch.argsort(expert_TK.reshape(-1), stable=True)
-    inverse_S = torch.empty_like(order_S)
-    inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
-    return order_S, inverse_S
+@dataclass
+class DispatchPlan:
+    """The ``S = T*K`` routing slots in expert-sorted order.
+
+    ``token_S`` is the token of each sorted slot, ``weight_S`` its fp32 combine weight and
+    ``inverse_S`` the permutation back to (token, k) order. Built once per layer and used by the
+    gather, the grouped matmuls (via ``tokens_per_expert_E``) and the combine.
+    """
+
+    token_S: torch.Tensor
+    weight_S: torch.Tensor
+    order_S: torch.Tensor
+    inverse_S: torch.Tensor
+    n_tokens: int
+    top_k: int
+
+    @classmethod
+    def from_routing(cls, routing: "Routing") -> "DispatchPlan":
+        n_tokens, top_k = routing.expert_TK.shape
+        order_S = torch.argsort(routing.expert_TK.reshape(-1), stable=True)
+        inverse_S = torch.empty_like(order_S)
+        inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
+        return cls(
+            token_S=torch.div(order_S, top_k, rounding_mode="floor"),
+            weight_S=routing.weight_TK.reshape(-1)[order_S],
+            order_S=order_S,
+            inverse_S=inverse_S,
+            n_tokens=n_tokens,
+            top_k=top_k,
+        )
 
 
-def _gather_sorted(x_TD: torch.Tensor, order_S: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Rows of ``x`` in expert-sorted slot order. Expand+permute keeps the backward deterministic."""
+def _use_index_add(x: torch.Tensor) -> bool:
+    """Gather/scatter strategy. On CPU ``index_select`` + ``index_add_`` are deterministic and touch
+    each slot once; on CUDA ``index_add_`` uses atomics, so a permutation + fixed-order sum is used."""
+    return x.device.type == "cpu" and COMBINE_STRATEGY != "permute"
+
+
+COMBINE_STRATEGY = "auto"  # "auto" | "permute" (tests force "permute" to exercise the GPU path on CPU)
+
+
+def _gather(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Rows of ``x`` in expert-sorted slot order, ``[S, D]``."""
+    if _use_index_add(x_TD):
+        return x_TD.index_select(0, plan.token_S)
     n_tokens, d_model = x_TD.shape
-    x_SD = x_TD.unsqueeze(1).expand(n_tokens, top_k, d_model).reshape(n_tokens * top_k, d_model)
-    return x_SD[order_S]
+    x_SD = x_TD.unsqueeze(1).expand(n_tokens, plan.top_k, d_model).reshape(n_tokens * plan.top_k, d_model)
+    return x_SD[plan.order_S]  # unique indices: deterministic backward
 
 
-def _combine(y_sorted_SD: torch.Tensor, inverse_S: torch.Tensor, weight_TK: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """Un-sort, weight each slot in fp32 and sum the ``K`` slots of every token (fixed order)."""
-    n_tokens, top_k = weight_TK.shape
-    y_TKD = y_sorted_SD[inverse_S].view(n_tokens, top_k, y_sorted_SD.shape[-1])
-    out_TD = (y_TKD.float() * weight_TK.unsqueeze(-1)).sum(dim=1)
-    return out_TD.to(out_dtype)
+def _combine(y_SD: torch.Tensor, plan: DispatchPlan, out_dtype: torch.dtype) -> torch.Tensor:
+    """Sum the ``K`` (already weighted) expert outputs of every token, accumulating in fp32."""
+    d_model = y_SD.shape[-1]
+    if _use_index_add(y_SD):
+        out_TD = y_SD.new_zeros(plan.n_tokens, d_model, dtype=torch.float32)
+        return out_TD.index_add_(0, plan.token_S, y_SD.float()).to(out_dtype)
+    y_TKD = y_SD[plan.inverse_S].view(plan.n_tokens, plan.top_k, d_model)
+    return y_TKD.float().sum(dim=1).to(out_dtype)
 
 
-def experts_grouped_mm(x_TD, w_gate_up_EDF2, w_down_EFD, routing: Routing) -> torch.Tensor:
+def _weighted_swiglu(h_S2F: torch.Tensor, weight_S: torch.Tensor) -> torch.Tensor:
+    """SwiGLU activation scaled by the slot's routing weight (in fp32). The down projection is
+    linear, so weighting its input equals weighting its output, on ``F`` instead of ``D`` columns."""
+    a_SF = _swiglu(h_S2F)
+    return (a_SF.float() * weight_S.unsqueeze(-1)).to(a_SF.dtype)
+
+
+def experts_grouped_mm(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.Tensor:
     """Dispatch with two grouped matmuls over expert-contiguous groups (no host sync)."""
     dtype = _compute_dtype(x_TD)
-    top_k = routing.expert_TK.shape[1]
-    order_S, inverse_S = _sort_slots(routing.expert_TK)
+    plan = DispatchPlan.from_routing(routing)
     offsets_E = torch.cumsum(routing.tokens_per_expert_E, dim=0).to(torch.int32)
-    x_SD = _gather_sorted(x_TD, order_S, top_k).to(dtype)
-    h_S2F = F.grouped_mm(x_SD, w_gate_up_EDF2.to(dtype), offs=offsets_E)
-    y_SD = F.grouped_mm(_swiglu(h_S2F), w_down_EFD.to(dtype), offs=offsets_E)
-    return _combine(y_SD, inverse_S, routing.weight_TK, x_TD.dtype)
+    x_SD = _gather(x_TD, plan).to(dtype)
+    h_S2F = F.grouped_mm(x_SD, w_gate_up_E2FD.to(dtype).transpose(1, 2), offs=offsets_E)
+    y_SD = F.grouped_mm(_weighted_swiglu(h_S2F, plan.weight_S), w_down_EDF.to(dtype).transpose(1, 2), offs=offsets_E)
+    return _combine(y_SD, plan, x_TD.dtype)
 
 
-def experts_loop(x_TD, w_gate_up_EDF2, w_down_EFD, routing: Routing) -> torch.Tensor:
+def experts_loop(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.Tensor:
     """Dispatch with one plain matmul pair per non-empty expert over its contiguous slice."""
     dtype = _compute_dtype(x_TD)
-    top_k = routing.expert_TK.shape[1]
-    order_S, inverse_S = _sort_slots(routing.expert_TK)
-    x_SD = _gather_sorted(x_TD, order_S, top_k).to(dtype)
+    plan = DispatchPlan.from_routing(routing)
+    x_SD = _gather(x_TD, plan).to(dtype)
     sizes = routing.tokens_per_expert_E.tolist()
-    w_gate_up = w_gate_up_EDF2.to(dtype).unbind(0)  # one backward node for all experts
-    w_down = w_down_EFD.to(dtype).unbind(0)
+    w_gate_up = w_gate_up_E2FD.to(dtype).unbind(0)  # one backward node for all experts
+    w_down = w_down_EDF.to(dtype).unbind(0)
     outputs = [
-        _swiglu(x_nD @ w_gate_up[e]) @ w_down[e] for e, x_nD in enumerate(x_SD.split(sizes)) if sizes[e] > 0
+        _weighted_swiglu(x_nD @ w_gate_up[e].T, w_n) @ w_down[e].T
+        for e, (x_nD, w_n) in enumerate(zip(x_SD.split(sizes), plan.weight_S.split(sizes)))
+        if sizes[e] > 0
     ]
     y_SD = torch.cat(outputs) if outputs else x_SD.new_zeros(0, x_TD.shape[1])
-    return _combine(y_SD, inverse_S, routing.weight_TK, x_TD.dtype)
+    return _combine(y_SD, plan, x_TD.dtype)
 
 
-def experts_naive(x_TD, w_gate_up_EDF2, w_down_EFD, routing: Routing) -> torch.Tensor:
+def experts_naive(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.Tensor:
     """Reference: run every expert on every token and weight by a dense, mostly-zero ``[T, E]``."""
     n_tokens, n_experts = routing.probs_TE.shape
     dense_weight_TE = torch.zeros(n_tokens, n_experts, dtype=torch.float32, device=x_TD.device)
     dense_weight_TE.scatter_(1, routing.expert_TK, routing.weight_TK)
     out_TD = torch.zeros(n_tokens, x_TD.shape[1], dtype=torch.float32, device=x_TD.device)
     for e in range(n_experts):
-        y_TD = _swiglu(x_TD @ w_gate_up_EDF2[e]) @ w_down_EFD[e]
+        y_TD = _swiglu(x_TD @ w_gate_up_E2FD[e].T) @ w_down_EDF[e].T
         out_TD = out_TD + dense_weight_TE[:, e : e + 1] * y_TD.float()
     return out_TD.to(x_TD.dtype)
 
@@ -168,8 +215,8 @@ class MoE(nn.Module):
         self.backend = cfg.moe_backend
         E, D, Fh = cfg.n_experts, cfg.d_model, cfg.d_expert
         self.router = nn.Linear(D, E, bias=False) if E > 1 else None
-        self.w_gate_up = nn.Parameter(torch.empty(E, D, 2 * Fh))
-        self.w_down = nn.Parameter(torch.empty(E, Fh, D))
+        self.w_gate_up = nn.Parameter(torch.empty(E, 2 * Fh, D))  # [E, 2F, D]: gate rows, then up rows
+        self.w_down = nn.Parameter(torch.empty(E, D, Fh))  # [E, D, F]
         self._experts = _experts_fn(self.backend)
 
     def set_backend(self, backend: str) -> None:
@@ -178,7 +225,8 @@ class MoE(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         if self.router is None:  # dense FFN
-            y_TD = _swiglu(x_TD @ self.w_gate_up[0].to(_compute_dtype(x_TD))) @ self.w_down[0].to(_compute_dtype(x_TD))
+            dtype = _compute_dtype(x_TD)
+            y_TD = _swiglu(x_TD.to(dtype) @ self.w_gate_up[0].to(dtype).T) @ self.w_down[0].to(dtype).T
             zero = x_TD.new_zeros((), dtype=torch.float32)
             counts = torch.full((1,), x_TD.shape[0], dtype=torch.long, device=x_TD.device)
             return y_TD.to(x_TD.dtype), MoEAux(zero, zero, counts)

@@ -1,0 +1,79 @@
+"""Timing helpers shared by the benchmarks.
+
+Ratios are what we report: every implementation in a table is measured in the same process, in
+interleaved rounds (A, B, C, A, B, C, ...), and each time is the median over rounds, so slow drifts of
+the machine (thermal, other processes) affect all columns alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 2, min_seconds: float = 0.0) -> dict[str, float]:
+    """Median seconds per call of each function, measured round-robin."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    r = 0
+    while r < rounds or time.perf_counter() - start < min_seconds:
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        r += 1
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def matmul_flops_per_second(n: int = 1024, rounds: int = 10) -> float:
+    """The machine's fp32 matmul rate (FLOP/s) on an n x n x n product."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = interleaved_medians({"mm": lambda: a @ b}, rounds=rounds)["mm"]
+    return 2 * n**3 / t
+
+
+def machine_info() -> dict:
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+    }
+
+
+def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    """Plain-text table (rich when available) so output can be pasted into notes."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title)
+        for c in columns:
+            table.add_column(c, justify="right" if c not in (columns[0],) else "left")
+        for row in rows:
+            table.add_row(*row)
+        Console(width=200).print(table)
+    except ImportError:  # pragma: no cover
+        print(title)
+        print(" | ".join(columns))
+        for row in rows:
+            print(" | ".join(row))
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, p)

@@ -1,0 +1,165 @@
+"""MoE layer forward+backward time vs the dense floor and vs transformers' Mixtral block.
+
+For each shape (d, d_expert, E, k) at T tokens (fp32), this measures in one run:
+
+* moelab's ``MoE`` with each dispatch backend (``grouped_mm``, ``loop``; ``naive`` only where it is
+  affordable),
+* a dense SwiGLU FFN of hidden width ``k * d_expert`` -- the same active FLOPs, no routing: the floor,
+* transformers' ``MixtralSparseMoeBlock`` with each of its experts implementations (same weights),
+
+and prints times as ratios to the dense FFN. ``--skew S`` biases the router so that expert loads are
+uneven; the achieved max/mean load is printed.
+
+    python -m benchmarks.moe_layer [--tokens 4096] [--skew 0] [--shapes default|sparse|all] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+
+from moelab.config import ModelConfig
+from moelab.model.moe import MoE, route
+
+from .common import interleaved_medians, machine_info, print_table, write_json
+
+CORE_SHAPES = [(256, 512, 8, 2), (256, 128, 64, 8), (512, 256, 32, 4), (256, 64, 256, 8)]
+BATCHED_MM_MAX_BYTES = 2 * 2**30  # skip transformers' batched_mm above this much gathered weight memory
+SPARSE_SHAPES = [(256, 64, 256, 1), (256, 64, 256, 4), (256, 64, 256, 16)]
+
+
+class DenseSwiGLU(torch.nn.Module):
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.w_gate_up = torch.nn.Parameter(torch.randn(d, 2 * hidden) * 0.02)
+        self.w_down = torch.nn.Parameter(torch.randn(hidden, d) * 0.02)
+
+    def forward(self, x):
+        gate, up = (x @ self.w_gate_up).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ self.w_down
+
+
+def make_inputs(d: int, E: int, tokens: int, skew: float, seed: int = 0):
+    """Tokens and a router; ``skew > 0`` adds a shared direction whose router projection grows with
+    the expert index, so low-index experts get more tokens (Zipf-like loads)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, d, generator=g)
+    router = torch.randn(E, d, generator=g) * 0.02
+    if skew > 0:
+        u = torch.randn(d, generator=g)
+        u = u / u.norm()
+        x = x + 4.0 * u
+        offsets = -skew * torch.log1p(torch.arange(E, dtype=torch.float32))
+        router = router + offsets[:, None] * u[None, :] / 4.0
+    return x, router
+
+
+def build_transformers_block(moe: MoE, d: int, d_expert: int, E: int, k: int, impl: str):
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    cfg = MixtralConfig(hidden_size=d, intermediate_size=d_expert, num_local_experts=E, num_experts_per_tok=k)
+    cfg._experts_implementation = impl
+    block = MixtralSparseMoeBlock(cfg)
+    with torch.no_grad():
+        block.gate.weight.copy_(moe.router.weight)
+        block.experts.gate_up_proj.copy_(moe.w_gate_up)  # both [E, 2F, D]
+        block.experts.down_proj.copy_(moe.w_down)  # both [E, D, F]
+    return block
+
+
+def fwd_bwd(module, x, grad, reduce_out=lambda out: out):
+    def step():
+        module.zero_grad(set_to_none=True)
+        xi = x.detach().requires_grad_(True)
+        out = reduce_out(module(xi))
+        out.backward(grad)
+    return step
+
+
+def bench_shape(d, d_expert, E, k, tokens, skew, rounds, with_transformers=True, with_naive=None):
+    x, router = make_inputs(d, E, tokens, skew)
+    cfg = ModelConfig(d_model=d, d_expert=d_expert, n_experts=E, top_k=k, n_heads=1, head_dim=2, norm_topk_prob=True)
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    moe.reset_parameters(0.02)
+    with torch.no_grad():
+        moe.router.weight.copy_(router)
+    counts = route(x, moe.router.weight, k, True).tokens_per_expert_E.float()
+    load = (counts.max() / counts.mean()).item()
+    grad = torch.randn(tokens, d)
+    fns = {"dense": fwd_bwd(DenseSwiGLU(d, k * d_expert), x, grad)}
+    backends = ["grouped_mm", "loop"]
+    if with_naive if with_naive is not None else E <= 8:
+        backends.append("naive")
+    for b in backends:
+        m = MoE(cfg.model_copy(update={"moe_backend": b}))
+        m.load_state_dict(moe.state_dict())
+        fns[b] = fwd_bwd(m, x, grad, reduce_out=lambda out: out[0])
+    hf_impls = []
+    if with_transformers:
+        try:
+            for impl in ("eager", "batched_mm", "grouped_mm"):
+                # batched_mm gathers a full copy of the expert weights for every routing slot
+                if impl == "batched_mm" and tokens * k * 3 * d * d_expert * 4 > BATCHED_MM_MAX_BYTES:
+                    continue
+                block = build_transformers_block(moe, d, d_expert, E, k, impl)
+                fns[f"hf_{impl}"] = fwd_bwd(block, x[None], grad[None])
+                hf_impls.append(impl)
+        except ImportError:
+            pass
+    times = interleaved_medians(fns, rounds=rounds)
+    return {"shape": (d, d_expert, E, k), "tokens": tokens, "max_over_mean_load": load, "seconds": times,
+            "ratio_to_dense": {n: t / times["dense"] for n, t in times.items()}}
+
+
+def run(shapes, tokens=4096, skew=0.0, rounds=5, with_transformers=True, verbose=True) -> list[dict]:
+    torch.manual_seed(0)
+    results = []
+    for s in shapes:
+        results.append(bench_shape(*s, tokens=tokens, skew=skew, rounds=rounds, with_transformers=with_transformers))
+        if verbose:
+            r = results[-1]
+            print(f"  {r['shape']}: " + ", ".join(f"{n} {v:.2f}" for n, v in r["ratio_to_dense"].items()), flush=True)
+    return results
+
+
+def report(results: list[dict], title: str) -> None:
+    names = ["grouped_mm", "loop", "naive", "hf_eager", "hf_batched_mm", "hf_grouped_mm"]
+    cols = ["(d, F, E, k)", "load max/mean", "dense ms"] + [f"{n} /dense" for n in names] + ["hf best / ours"]
+    rows = []
+    for r in results:
+        ratio = r["ratio_to_dense"]
+        hf = [ratio[n] for n in names if n.startswith("hf_") and n in ratio]
+        best_hf = min(hf) if hf else math.nan
+        rows.append(
+            [str(r["shape"]), f"{r['max_over_mean_load']:.2f}", f"{1e3 * r['seconds']['dense']:.1f}"]
+            + [f"{ratio[n]:.2f}" if n in ratio else "-" for n in names]
+            + [f"{best_hf / ratio['grouped_mm']:.2f}x" if hf else "-"]
+        )
+    print_table(title, cols, rows)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--skew", type=float, default=0.0, help="router bias strength (0 = uniform routing)")
+    p.add_argument("--shapes", choices=["default", "sparse", "all"], default="default")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--json", help="also write the results here")
+    a = p.parse_args(argv)
+    shapes = {"default": CORE_SHAPES, "sparse": SPARSE_SHAPES, "all": CORE_SHAPES + SPARSE_SHAPES}[a.shapes]
+    results = run(shapes, a.tokens, a.skew, a.rounds, not a.no_transformers)
+    report(results, f"MoE layer fwd+bwd, {a.tokens} tokens, fp32, skew {a.skew} ({torch.get_num_threads()} threads)")
+    payload = {"benchmark": "moe_layer", "machine": machine_info(), "results": results}
+    if a.json:
+        write_json(a.json, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
