@@ -143,6 +143,53 @@ def report(results: list[dict], title: str) -> None:
     print_table(title, cols, rows)
 
 
+# ---------------------------------------------------------------------------------------------
+# decode: few tokens, many experts (inference)
+# ---------------------------------------------------------------------------------------------
+DECODE_SHAPES = [(256, 512, 8, 2), (256, 128, 64, 8), (256, 64, 256, 8)]
+
+
+def one_by_one(moe: MoE, x_TD: torch.Tensor) -> torch.Tensor:
+    """The decode floor: for each token, run only its k selected experts, one matmul pair each."""
+    r = route(x_TD, moe.router.weight, moe.top_k, moe.norm_topk_prob)
+    F_ = moe.w_down.shape[-1]
+    out = torch.zeros_like(x_TD)
+    experts, weights = r.expert_TK.tolist(), r.weight_TK
+    for t, row in enumerate(experts):
+        x = x_TD[t : t + 1]
+        for j, e in enumerate(row):
+            h = x @ moe.w_gate_up[e].T
+            out[t] += weights[t, j] * ((F.silu(h[:, :F_]) * h[:, F_:]) @ moe.w_down[e].T)[0]
+    return out
+
+
+def bench_decode(shapes=DECODE_SHAPES, token_counts=(1, 4, 16), rounds=20) -> list[dict]:
+    results = []
+    for d, d_expert, E, k in shapes:
+        cfg = ModelConfig(d_model=d, d_expert=d_expert, n_experts=E, top_k=k, n_heads=1, head_dim=2)
+        torch.manual_seed(0)
+        moe = MoE(cfg)
+        moe.reset_parameters(0.02)
+        for T in token_counts:
+            x = torch.randn(T, d)
+            fns = {"one_by_one": lambda: one_by_one(moe, x)}
+            for b in ("grouped_mm", "loop"):
+                fns[b] = (lambda b=b: (moe.set_backend(b), moe(x)))
+            with torch.inference_mode():
+                times = interleaved_medians(fns, rounds=rounds)
+            moe.set_backend("grouped_mm")
+            results.append({"shape": (d, d_expert, E, k), "tokens": T, "seconds": times,
+                            "ratio_to_one_by_one": {n: t / times["one_by_one"] for n, t in times.items()}})
+    return results
+
+
+def report_decode(results: list[dict]) -> None:
+    rows = [[str(r["shape"]), str(r["tokens"]), f"{1e6 * r['seconds']['one_by_one'] / r['tokens']:.0f}"]
+            + [f"{r['ratio_to_one_by_one'][n]:.2f}" for n in ("grouped_mm", "loop")] for r in results]
+    print_table("MoE layer decode forward (inference), time / one-by-one selected experts",
+                ["(d, F, E, k)", "tokens", "one-by-one us/token", "grouped_mm /1x1", "loop /1x1"], rows)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=4096)
@@ -150,12 +197,16 @@ def main(argv=None) -> dict:
     p.add_argument("--shapes", choices=["default", "sparse", "all"], default="default")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--decode", action="store_true", help="also time decode-sized batches (1-16 tokens)")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
     shapes = {"default": CORE_SHAPES, "sparse": SPARSE_SHAPES, "all": CORE_SHAPES + SPARSE_SHAPES}[a.shapes]
     results = run(shapes, a.tokens, a.skew, a.rounds, not a.no_transformers)
     report(results, f"MoE layer fwd+bwd, {a.tokens} tokens, fp32, skew {a.skew} ({torch.get_num_threads()} threads)")
     payload = {"benchmark": "moe_layer", "machine": machine_info(), "results": results}
+    if a.decode:
+        payload["decode"] = bench_decode()
+        report_decode(payload["decode"])
     if a.json:
         write_json(a.json, payload)
     return payload

@@ -105,3 +105,31 @@ def test_init_is_seeded_and_std():
 def test_tied_embeddings_share_storage():
     model = tiny(tie_embeddings=True)
     assert model.lm_head.weight is model.embed.weight
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager():
+    """torch.compile per block (the GPU path) runs on CPU in fp32 and gives the eager results."""
+    eager, compiled = tiny(), tiny()
+    compiled.compile_blocks()
+    ids = torch.randint(0, 61, (2, 16))
+    a = eager(ids[:, :-1], ids[:, 1:])
+    b = compiled(ids[:, :-1], ids[:, 1:])
+    a.loss.backward()
+    b.loss.backward()
+    torch.testing.assert_close(b.loss, a.loss, rtol=1e-6, atol=1e-6)
+    for (n, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_bf16_autocast_forward_backward():
+    """The GPU mixed-precision path (bf16 autocast, fp32 router and master weights) on the CPU device."""
+    model = tiny()
+    ids = torch.randint(0, 61, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids[:, :-1], ids[:, 1:])
+    out.loss.backward()
+    ref = tiny()(ids[:, :-1], ids[:, 1:])
+    assert out.logits.dtype == torch.float32 and torch.isfinite(out.loss)
+    assert abs(out.loss.item() - ref.loss.item()) < 0.05
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())

@@ -19,6 +19,8 @@ Dispatch backends (selected by ``ModelConfig.moe_backend``), all numerically equ
   ``torch.nn.functional.grouped_mm`` calls over contiguous groups, and sum the ``K`` weighted
   contributions per token in fp32. No host synchronisation, no padding, deterministic combine
   (``index_add_`` on CPU; a permutation and a fixed-order sum on GPUs, where ``index_add_`` is atomic).
+  Without autograd and with at most ``E`` slots (decoding) it gathers the selected experts' weights
+  and runs two batched matmuls instead (``experts_gathered``): no sort, no per-expert groups.
 * ``loop`` -- the same sort, then a Python loop of plain matmuls over per-expert slices (works on any
   torch; synchronises once to read the group sizes).
 * ``naive`` -- the reference for tests: every expert on every token, weighted by a dense ``[T, E]``
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .grouped_mm import grouped_mm
 from .losses import load_balancing_loss, router_z_loss
 
 BACKENDS = ("grouped_mm", "loop", "naive")
@@ -142,14 +145,36 @@ def _weighted_swiglu(h_S2F: torch.Tensor, weight_S: torch.Tensor) -> torch.Tenso
     return (a_SF.float() * weight_S.unsqueeze(-1)).to(a_SF.dtype)
 
 
+def _is_decode(x_TD: torch.Tensor, routing: Routing) -> bool:
+    """Inference on fewer routing slots than experts (decoding): gather the selected experts."""
+    return not torch.is_grad_enabled() and routing.expert_TK.numel() <= routing.probs_TE.shape[1]
+
+
+def experts_gathered(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.Tensor:
+    """Decode path: gather the weights of each slot's expert and run two batched matmuls.
+
+    It reads exactly the selected experts' weights (like computing them one by one) in two kernels
+    and needs no sort. Used without autograd when there are at most ``E`` slots."""
+    dtype = _compute_dtype(x_TD)
+    n_tokens, top_k = routing.expert_TK.shape
+    expert_S = routing.expert_TK.reshape(-1)
+    x_S1D = x_TD.to(dtype).repeat_interleave(top_k, dim=0).unsqueeze(1)
+    h_S12F = torch.bmm(x_S1D, w_gate_up_E2FD.to(dtype)[expert_S].transpose(1, 2))
+    a_S1F = _weighted_swiglu(h_S12F.squeeze(1), routing.weight_TK.reshape(-1)).unsqueeze(1)
+    y_SD = torch.bmm(a_S1F, w_down_EDF.to(dtype)[expert_S].transpose(1, 2)).squeeze(1)
+    return y_SD.view(n_tokens, top_k, -1).float().sum(dim=1).to(x_TD.dtype)
+
+
 def experts_grouped_mm(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.Tensor:
     """Dispatch with two grouped matmuls over expert-contiguous groups (no host sync)."""
+    if _is_decode(x_TD, routing):
+        return experts_gathered(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
     dtype = _compute_dtype(x_TD)
     plan = DispatchPlan.from_routing(routing)
     offsets_E = torch.cumsum(routing.tokens_per_expert_E, dim=0).to(torch.int32)
     x_SD = _gather(x_TD, plan).to(dtype)
-    h_S2F = F.grouped_mm(x_SD, w_gate_up_E2FD.to(dtype).transpose(1, 2), offs=offsets_E)
-    y_SD = F.grouped_mm(_weighted_swiglu(h_S2F, plan.weight_S), w_down_EDF.to(dtype).transpose(1, 2), offs=offsets_E)
+    h_S2F = grouped_mm(x_SD, w_gate_up_E2FD.to(dtype).transpose(1, 2), offsets_E)
+    y_SD = grouped_mm(_weighted_swiglu(h_S2F, plan.weight_S), w_down_EDF.to(dtype).transpose(1, 2), offsets_E)
     return _combine(y_SD, plan, x_TD.dtype)
 
 

@@ -181,6 +181,12 @@ class MoELM(nn.Module):
             if seed is not None:
                 torch.random.set_rng_state(gen_state)
 
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """``torch.compile`` each decoder block in place (per-block compilation: small graphs, one
+        compiled artifact reused by every layer of the same shape, no graph break at layer edges)."""
+        for block in self.layers:
+            block.compile(**compile_kwargs)
+
     def set_moe_backend(self, backend: str) -> None:
         for block in self.layers:
             block.moe.set_backend(backend)
