@@ -248,7 +248,8 @@ class MoE(nn.Module):
         self._experts = _experts_fn(backend)
         self.backend = backend
 
-    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+    def forward(self, x_TD: torch.Tensor, with_losses: bool = True) -> tuple[torch.Tensor, MoEAux]:
+        """``with_losses=False`` skips the router losses (returned as zeros), e.g. when decoding."""
         if self.router is None:  # dense FFN
             dtype = _compute_dtype(x_TD)
             y_TD = _swiglu(x_TD.to(dtype) @ self.w_gate_up[0].to(dtype).T) @ self.w_down[0].to(dtype).T
@@ -257,6 +258,9 @@ class MoE(nn.Module):
             return y_TD.to(x_TD.dtype), MoEAux(zero, zero, counts)
         routing = route(x_TD, self.router.weight, self.top_k, self.norm_topk_prob)
         y_TD = self._experts(x_TD, self.w_gate_up, self.w_down, routing)
+        if not with_losses:
+            zero = x_TD.new_zeros((), dtype=torch.float32)
+            return y_TD, MoEAux(zero, zero, routing.tokens_per_expert_E.detach())
         aux = MoEAux(
             aux_loss=load_balancing_loss(routing.probs_TE, routing.tokens_per_expert_E, self.top_k, self.aux_coef),
             z_loss=router_z_loss(routing.logits_TE, self.z_coef),

@@ -5,7 +5,8 @@ Shapes: ``B`` batch, ``T`` query positions, ``S`` key positions, ``D`` d_model, 
 ``G`` key/value heads, ``Hd`` head_dim, ``V`` vocabulary.
 
 ``MoELM.forward`` returns a :class:`ModelOutput` with ``logits`` ([B, T, V], fp32), the router
-losses averaged over layers (already multiplied by their coefficients) and per-layer routing counts.
+losses averaged over layers (already multiplied by their coefficients; computed when gradients are
+enabled or ``targets`` are given, zero otherwise) and per-layer routing counts.
 With ``targets`` it also returns ``ce_loss`` (mean next-token cross-entropy in nats over targets that
 are not ``ignore_index``) and ``loss = ce_loss + aux_loss + z_loss``, the quantity to minimise.
 
@@ -130,10 +131,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.moe = MoE(cfg)
 
-    def forward(self, x_BTD, cos, sin, cache, layer, mask_BTS) -> tuple[torch.Tensor, MoEAux]:
+    def forward(self, x_BTD, cos, sin, cache, layer, mask_BTS, with_losses: bool = True) -> tuple[torch.Tensor, MoEAux]:
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, cache, layer, mask_BTS)
         B, T, D = x_BTD.shape
-        y_TD, aux = self.moe(self.ffn_norm(x_BTD).reshape(B * T, D))
+        y_TD, aux = self.moe(self.ffn_norm(x_BTD).reshape(B * T, D), with_losses)
         return x_BTD + y_TD.view(B, T, D), aux
 
 
@@ -227,12 +228,14 @@ class MoELM(nn.Module):
                 mask_BTS = mask_BTS & key_padding_mask[:, None, :S].bool()
                 # a fully masked row (a pad query) would give NaN: let it attend to itself
                 mask_BTS = mask_BTS | (k_slot[None, :] == q_slot[:, None])[None]
+        # router losses are needed to train and to report a loss; decoding skips them
+        with_losses = targets is not None or torch.is_grad_enabled()
         x_BTD = self.embed(input_ids)
         aux_sum = x_BTD.new_zeros((), dtype=torch.float32)
         z_sum = x_BTD.new_zeros((), dtype=torch.float32)
         counts = []
         for i, block in enumerate(self.layers):
-            x_BTD, aux = block(x_BTD, cos, sin, cache, i, mask_BTS)
+            x_BTD, aux = block(x_BTD, cos, sin, cache, i, mask_BTS, with_losses)
             aux_sum = aux_sum + aux.aux_loss
             z_sum = z_sum + aux.z_loss
             counts.append(aux.tokens_per_expert_E)
