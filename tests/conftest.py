@@ -27,3 +27,18 @@ def data_dir() -> Path:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_run(tmp_path_factory) -> Path:
+    """A run directory trained once per session with ``configs/tiny.yaml`` (byte tokenizer, synthetic data).
+
+    Holds ``config.yaml``, ``metrics.jsonl``, ``data/`` (with the synthetic test sets) and checkpoints;
+    ``moelab.load(run_dir)`` returns the final model.
+    """
+    from moelab.train.config import load_run_config
+    from moelab.train.loop import train
+
+    out = tmp_path_factory.mktemp("trained_tiny") / "run"
+    train(load_run_config(REPO / "configs" / "tiny.yaml"), out, quiet=True)
+    return out

@@ -1,0 +1,97 @@
+"""All benchmarks in one run, one summary table of ratios against their targets, one JSON file.
+
+    python -m benchmarks [--quick] [--only moe_layer,train_step,generate] [--out benchmarks/results/latest.json]
+    moelab bench [same options]        (from a source checkout)
+
+Each part is a module of this package with ``main(argv) -> dict`` that prints its own detailed
+table; this runner collects the payloads, prints the headline ratios next to the targets of the
+performance issue and writes everything to ``--out`` (JSON). Every ratio is measured within one
+process in interleaved rounds (``benchmarks.common``); absolute times depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import time
+
+import torch
+
+from .common import machine_info, matmul_flops_per_second, print_table, write_json
+
+PARTS = ("moe_layer", "train_step", "generate")
+
+
+def _moe_rows(payload: dict, label: str, target_dense: float, hf_target: float) -> list[list[str]]:
+    rows = []
+    for r in payload["results"]:
+        d, f, E, k = r["shape"]
+        ratio = r["ratio_to_dense"]
+        hf = [v for n, v in ratio.items() if n.startswith("hf_")]
+        speedup = min(hf) / ratio["grouped_mm"] if hf else None
+        ok = ratio["grouped_mm"] <= target_dense and (speedup is None or E < 32 or speedup >= hf_target)
+        rows.append([
+            f"MoE layer {label} (d={d},F={f},E={E},k={k}) load {r['max_over_mean_load']:.1f}",
+            f"{ratio['grouped_mm']:.2f}x dense" + (f", {speedup:.2f}x faster than HF best" if speedup else ""),
+            f"<= {target_dense}x dense" + (f", >= {hf_target}x HF" if E >= 32 else ""),
+            "yes" if ok else "NO",
+        ])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
+    p.add_argument("--quick", action="store_true", help="fewer rounds and shapes (a smoke run, noisier)")
+    p.add_argument("--out", default=None, help="JSON output (default benchmarks/results/<timestamp>.json)")
+    a = p.parse_args(argv)
+    parts = [x.strip() for x in a.only.split(",") if x.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        p.error(f"unknown part(s) {unknown}; choose from {PARTS}")
+    rounds = "3" if a.quick else "5"
+    start = time.time()
+    payload: dict = {"machine": machine_info(), "fp32_matmul_flops_per_s": matmul_flops_per_second(), "parts": {}}
+    summary: list[list[str]] = []
+    if "moe_layer" in parts:
+        from . import moe_layer
+
+        core = moe_layer.main(["--rounds", rounds, "--decode"])
+        skew = moe_layer.main(["--rounds", rounds, "--skew", "2", "--shapes", "all" if not a.quick else "default"])
+        sparse = moe_layer.main(["--rounds", rounds, "--shapes", "sparse"]) if not a.quick else {"results": []}
+        payload["parts"]["moe_layer"] = {"uniform": core, "skewed": skew, "sparse": sparse}
+        summary += _moe_rows(core, "uniform", 1.15, 1.7)
+        summary += _moe_rows(sparse, "uniform", 1.3, 1.7)
+        summary += _moe_rows(skew, "skewed", 1.3, 1.7)
+        for r in core.get("decode", []):
+            ratio = r["ratio_to_one_by_one"]["grouped_mm"]
+            summary.append([f"MoE decode {tuple(r['shape'])} {r['tokens']} tokens", f"{ratio:.2f}x one-by-one", "<= 1x", "yes" if ratio <= 1 else "NO"])
+    if "train_step" in parts:
+        from . import train_step
+
+        ts = train_step.main([] if not a.quick else ["--quick"])
+        payload["parts"]["train_step"] = ts
+        for row in (ts or {}).get("results", []):
+            if row.get("ratio_to_dense") is not None and row.get("name") != "dense":
+                r = row["ratio_to_dense"]
+                summary.append([f"train step {row['name']}", f"{r:.2f}x dense step, MFU {row.get('mfu', float('nan')):.2f}", "<= 1.4x", "yes" if r <= 1.4 else "NO"])
+    if "generate" in parts:
+        from . import generate
+
+        gen = generate.main(["--rounds", "2" if a.quick else "3"])
+        payload["parts"]["generate"] = gen
+        for row in gen["results"]:
+            target = row["batch_size"] >= 16
+            summary.append([f"generate batch {row['batch_size']}", f"{row['ratio']:.2f}x transformers",
+                            ">= 2x" if target else "-", ("yes" if row["ratio"] >= 2 else "NO") if target else "-"])
+    payload["summary"] = summary
+    payload["seconds"] = time.time() - start
+    print_table(f"moelab benchmarks ({torch.get_num_threads()} threads, {payload['seconds']:.0f} s)", ["measurement", "result", "target", "met"], summary)
+    out = a.out or f"benchmarks/results/{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    write_json(out, payload)
+    print(f"wrote {out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Training-step throughput: a dense model vs MoE models with the same active parameters, in one run.
+
+    python benchmarks/train_step.py [--d-model 256] [--layers 2] [--seq-len 256] [--batch 8] [--seconds 30]
+
+Models share d_model, layers, attention and vocabulary; the FFN is a dense SwiGLU of width F = 4 d
+(``n_experts = top_k = 1``), or E = 8 / k = 2 experts of width F / 2, or E = 64 / k = 8 experts of width
+F / 8, so ``k * d_expert = F`` and active parameters are equal (up to the router). MoE layers use
+``moe_backend = "grouped_mm"``. A step is forward + backward + AdamW update of one batch.
+
+Columns: tokens/s; achieved FLOP/s = ``accounting.train_flops_per_token`` (6 * N_active + LM head +
+attention term, see :mod:`moelab.accounting`) * tokens/s; that as a fraction of the machine's fp32
+matmul rate, measured in this run on a large square matmul timed in the same interleaved rounds as the
+models (so load from other processes affects both alike); and each model's step time over the dense
+step time. Numbers are only comparable within one run (the machine may be shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import moelab
+from moelab import accounting
+from moelab.train.flops import measure_matmul_flops
+
+
+def make_step(cfg: moelab.ModelConfig, batch: int, seq_len: int):
+    """A closure running one training step (forward + backward + AdamW) of a fresh model on a fixed batch."""
+    model = moelab.build(cfg, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=g)
+    inputs, targets = x[:, :-1], x[:, 1:]
+
+    def step() -> None:
+        out = model(inputs, targets)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def time_round_robin(steps: list, seconds: float, min_rounds: int = 3) -> list[float]:
+    """Median seconds per step of each closure, timed in interleaved rounds (fair on a shared machine)."""
+    for step in steps:  # warm-up
+        step()
+        step()
+    times: list[list[float]] = [[] for _ in steps]
+    start = time.perf_counter()
+    while len(times[0]) < min_rounds or time.perf_counter() - start < seconds:
+        for i, step in enumerate(steps):
+            t0 = time.perf_counter()
+            step()
+            times[i].append(time.perf_counter() - t0)
+    return [sorted(t)[len(t) // 2] for t in times]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--seconds", type=float, default=30.0, help="timing budget for all models together")
+    ap.add_argument("--matmul-n", type=int, default=2048, help="size of the square matmul for the FLOP/s yardstick")
+    args = ap.parse_args()
+
+    D, F = args.d_model, 4 * args.d_model
+    common = dict(vocab_size=args.vocab, d_model=D, n_layers=args.layers, n_heads=max(1, D // 64),
+                  max_seq_len=args.seq_len, moe_backend="grouped_mm")
+    models = [
+        ("dense (E=1,k=1)", moelab.ModelConfig(**common, n_experts=1, top_k=1, d_expert=F)),
+        ("MoE E=8,k=2", moelab.ModelConfig(**common, n_experts=8, top_k=2, d_expert=F // 2)),
+        ("MoE E=64,k=8", moelab.ModelConfig(**common, n_experts=64, top_k=8, d_expert=F // 8)),
+    ]
+    n = args.matmul_n
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    measure_matmul_flops(n=n, min_seconds=0.2)  # warm up the BLAS threads
+    steps = [make_step(cfg, args.batch, args.seq_len) for _, cfg in models] + [lambda: a @ b]
+    *step_times, matmul_time = time_round_robin(steps, args.seconds)  # matmul timed in the same rounds
+    matmul = 2 * n**3 / matmul_time
+    tokens = args.batch * args.seq_len
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch} x {args.seq_len} tokens; "
+          f"d_model {D}, layers {args.layers}, dense FFN width {F}")
+    print(f"fp32 matmul rate ({n}x{n}, median of the same rounds): {matmul / 1e9:.1f} GFLOP/s\n")
+    header = f"{'model':<18}{'total':>9}{'active':>9}{'step ms':>10}{'tokens/s':>11}{'GFLOP/s':>9}{'of matmul':>11}{'vs dense':>10}"
+    print(header)
+    print("-" * len(header))
+    dense_time = step_times[0]
+    for (name, cfg), dt in zip(models, step_times):
+        counts = accounting.param_counts(cfg)
+        flops = accounting.train_flops_per_token(cfg, args.seq_len) * tokens / dt
+        print(f"{name:<18}{accounting.human(counts.total):>9}{accounting.human(counts.active):>9}{dt * 1e3:>10.1f}"
+              f"{tokens / dt:>11,.0f}{flops / 1e9:>9.2f}{flops / matmul:>11.1%}{dt / dense_time:>10.2f}")
+    print("\nFLOPs/token = 6*(active non-embedding params + LM head) + 6*L*T*d_attn (moelab.accounting).")
+
+
+if __name__ == "__main__":
+    main()
