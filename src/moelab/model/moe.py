@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .grouped_mm import grouped_mm
+from .grouped_mm import grouped_linear
 from .losses import load_balancing_loss, router_z_loss
+from .swiglu import weighted_swiglu
 
 BACKENDS = ("grouped_mm", "loop", "naive")
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
@@ -141,8 +142,7 @@ def _combine(y_SD: torch.Tensor, plan: DispatchPlan, out_dtype: torch.dtype) -> 
 def _weighted_swiglu(h_S2F: torch.Tensor, weight_S: torch.Tensor) -> torch.Tensor:
     """SwiGLU activation scaled by the slot's routing weight (in fp32). The down projection is
     linear, so weighting its input equals weighting its output, on ``F`` instead of ``D`` columns."""
-    a_SF = _swiglu(h_S2F)
-    return (a_SF.float() * weight_S.unsqueeze(-1)).to(a_SF.dtype)
+    return weighted_swiglu(h_S2F, weight_S)
 
 
 def _is_decode(x_TD: torch.Tensor, routing: Routing) -> bool:
@@ -165,17 +165,62 @@ def experts_gathered(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torc
     return y_SD.view(n_tokens, top_k, -1).float().sum(dim=1).to(x_TD.dtype)
 
 
+CPU_BLOCK_BYTES = 1 << 18  # CPU: a block's [rows, 2F] activation should stay in L2 (tuned: 256 KiB)
+
+
+def expert_blocks(tokens_per_expert: list[int], row_bytes: int, block_bytes: int = CPU_BLOCK_BYTES) -> list[tuple[int, int]]:
+    """Split consecutive experts into blocks of ``(n_experts, n_rows)`` of about ``block_bytes`` of
+    activations each (at least one expert per block)."""
+    blocks: list[tuple[int, int]] = []
+    n_experts = n_rows = 0
+    for count in tokens_per_expert:
+        if n_experts and (n_rows + count) * row_bytes > block_bytes:
+            blocks.append((n_experts, n_rows))
+            n_experts = n_rows = 0
+        n_experts += 1
+        n_rows += count
+    blocks.append((n_experts, n_rows))
+    return blocks
+
+
+def _experts_block(x_SD, weight_S, w_gate_up_E2FD, w_down_EDF, counts_E, dtype) -> torch.Tensor:
+    """grouped matmul -> weighted SwiGLU -> grouped matmul for one block of experts."""
+    offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
+    h_S2F = grouped_linear(x_SD, w_gate_up_E2FD.to(dtype), offsets_E)
+    return grouped_linear(_weighted_swiglu(h_S2F, weight_S), w_down_EDF.to(dtype), offsets_E)
+
+
 def experts_grouped_mm(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.Tensor:
-    """Dispatch with two grouped matmuls over expert-contiguous groups (no host sync)."""
+    """Dispatch with grouped matmuls over expert-contiguous groups.
+
+    On GPUs: one gather, two grouped matmuls over all experts, one combine; no host synchronisation.
+    On CPU: the same per block of consecutive experts whose activations fit in L2 (see
+    :func:`expert_blocks`), so the memory-bound elementwise work runs on cache-resident data; the
+    group sizes are read on the host, which costs nothing there.
+    """
     if _is_decode(x_TD, routing):
         return experts_gathered(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
     dtype = _compute_dtype(x_TD)
     plan = DispatchPlan.from_routing(routing)
-    offsets_E = torch.cumsum(routing.tokens_per_expert_E, dim=0).to(torch.int32)
-    x_SD = _gather(x_TD, plan).to(dtype)
-    h_S2F = grouped_mm(x_SD, w_gate_up_E2FD.to(dtype).transpose(1, 2), offsets_E)
-    y_SD = grouped_mm(_weighted_swiglu(h_S2F, plan.weight_S), w_down_EDF.to(dtype).transpose(1, 2), offsets_E)
-    return _combine(y_SD, plan, x_TD.dtype)
+    if not _use_index_add(x_TD):
+        offsets_E = torch.cumsum(routing.tokens_per_expert_E, dim=0).to(torch.int32)
+        x_SD = _gather(x_TD, plan).to(dtype)
+        h_S2F = grouped_linear(x_SD, w_gate_up_E2FD.to(dtype), offsets_E)
+        y_SD = grouped_linear(_weighted_swiglu(h_S2F, plan.weight_S), w_down_EDF.to(dtype), offsets_E)
+        return _combine(y_SD, plan, x_TD.dtype)
+    row_bytes = w_gate_up_E2FD.shape[1] * torch.empty((), dtype=dtype).element_size()
+    blocks = expert_blocks(routing.tokens_per_expert_E.tolist(), row_bytes)
+    n_experts, n_rows = [b[0] for b in blocks], [b[1] for b in blocks]
+    x_SD = _gather(x_TD, plan).to(dtype)  # one gather: its backward is one index_add_
+    out_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.float32)
+    for x_block, token_S, weight_S, w_gu, w_d, counts_E, rows in zip(
+        x_SD.split(n_rows), plan.token_S.split(n_rows), plan.weight_S.split(n_rows),
+        w_gate_up_E2FD.split(n_experts), w_down_EDF.split(n_experts), routing.tokens_per_expert_E.split(n_experts), n_rows,
+    ):
+        if rows:
+            y_SD = _experts_block(x_block, weight_S, w_gu, w_d, counts_E, dtype)
+            out_TD.index_add_(0, token_S, y_SD.float())
+    return out_TD.to(x_TD.dtype)
 
 
 def experts_loop(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.Tensor:
