@@ -47,7 +47,7 @@ def make_inputs(d: int, E: int, tokens: int, skew: float, seed: int = 0):
     the expert index, so low-index experts get more tokens (Zipf-like loads)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, d, generator=g)
-    router = torch.randn(E, d, generator=g) * 0.02
+    router = torch.randn(E, d, generator=g) * 0.1  # logit noise std ~1.6 per token
     if skew > 0:
         u = torch.randn(d, generator=g)
         u = u / u.norm()

@@ -58,16 +58,39 @@ def time_round_robin(steps: list, seconds: float, min_rounds: int = 3) -> list[f
     return [sorted(t)[len(t) // 2] for t in times]
 
 
-def main() -> None:
+def _preset_pairs(names: list[str], seq_len: int | None) -> list[tuple[str, moelab.ModelConfig]]:
+    """For each preset in configs/: its MoE model and the dense model of equal active FLOPs
+    (one expert of width k * d_expert)."""
+    from pathlib import Path
+
+    from moelab.config import read_mapping
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    out = []
+    for name in names:
+        fields = dict(read_mapping(root / f"{name}.yaml")["model"], moe_backend="grouped_mm")
+        if seq_len:
+            fields["max_seq_len"] = max(fields.get("max_seq_len", seq_len), seq_len)
+        moe = moelab.ModelConfig(**fields)
+        dense = moe.model_copy(update={"n_experts": 1, "top_k": 1, "d_expert": moe.top_k * moe.d_expert, "norm_topk_prob": False})
+        out += [(f"{name}: dense (E=1,k=1)", dense), (f"{name}: MoE E={moe.n_experts},k={moe.top_k}", moe)]
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--presets", default="tiny,small", help="also compare these configs/ presets with their dense equivalents ('' = none)")
     ap.add_argument("--seconds", type=float, default=30.0, help="timing budget for all models together")
+    ap.add_argument("--quick", action="store_true", help="a 10-second timing budget")
     ap.add_argument("--matmul-n", type=int, default=2048, help="size of the square matmul for the FLOP/s yardstick")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seconds = 10.0
 
     D, F = args.d_model, 4 * args.d_model
     common = dict(vocab_size=args.vocab, d_model=D, n_layers=args.layers, n_heads=max(1, D // 64),
@@ -77,6 +100,7 @@ def main() -> None:
         ("MoE E=8,k=2", moelab.ModelConfig(**common, n_experts=8, top_k=2, d_expert=F // 2)),
         ("MoE E=64,k=8", moelab.ModelConfig(**common, n_experts=64, top_k=8, d_expert=F // 8)),
     ]
+    models += _preset_pairs([x for x in args.presets.split(",") if x], args.seq_len)
     n = args.matmul_n
     a, b = torch.randn(n, n), torch.randn(n, n)
     measure_matmul_flops(n=n, min_seconds=0.2)  # warm up the BLAS threads
@@ -87,16 +111,22 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch} x {args.seq_len} tokens; "
           f"d_model {D}, layers {args.layers}, dense FFN width {F}")
     print(f"fp32 matmul rate ({n}x{n}, median of the same rounds): {matmul / 1e9:.1f} GFLOP/s\n")
-    header = f"{'model':<18}{'total':>9}{'active':>9}{'step ms':>10}{'tokens/s':>11}{'GFLOP/s':>9}{'of matmul':>11}{'vs dense':>10}"
+    header = f"{'model':<28}{'total':>9}{'active':>9}{'step ms':>10}{'tokens/s':>11}{'GFLOP/s':>9}{'of matmul':>11}{'vs dense':>10}"
     print(header)
     print("-" * len(header))
-    dense_time = step_times[0]
+    results = []
+    dense_time = None
     for (name, cfg), dt in zip(models, step_times):
+        if cfg.n_experts == 1:
+            dense_time = dt  # each group starts with its dense reference
         counts = accounting.param_counts(cfg)
         flops = accounting.train_flops_per_token(cfg, args.seq_len) * tokens / dt
-        print(f"{name:<18}{accounting.human(counts.total):>9}{accounting.human(counts.active):>9}{dt * 1e3:>10.1f}"
+        print(f"{name:<28}{accounting.human(counts.total):>9}{accounting.human(counts.active):>9}{dt * 1e3:>10.1f}"
               f"{tokens / dt:>11,.0f}{flops / 1e9:>9.2f}{flops / matmul:>11.1%}{dt / dense_time:>10.2f}")
+        results.append({"name": name, "total_params": counts.total, "active_params": counts.active, "step_ms": dt * 1e3,
+                        "tokens_per_s": tokens / dt, "flops_per_s": flops, "mfu": flops / matmul, "ratio_to_dense": dt / dense_time})
     print("\nFLOPs/token = 6*(active non-embedding params + LM head) + 6*L*T*d_attn (moelab.accounting).")
+    return {"benchmark": "train_step", "matmul_flops_per_s": matmul, "args": vars(args), "results": results}
 
 
 if __name__ == "__main__":

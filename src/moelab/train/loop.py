@@ -170,7 +170,7 @@ def _train(run: RunConfig, out: Path, resume: bool, quiet: bool, d: distributed.
 
     raw = moelab.build(run.model, seed=tc.seed).to(device)
     if tc.compile:
-        raw.compile()
+        raw.compile_blocks()  # per decoder block: small graphs, compiled once, reused by every layer
     model = distributed.wrap(raw, tc.distributed, d, device)
     optimizer = build_optimizer(model, tc.lr, (tc.beta1, tc.beta2), tc.eps, tc.weight_decay)
     m, accum = tc.micro_batch_size, tc.grad_accum_steps
