@@ -170,7 +170,7 @@ def test_grouped_mm_is_deterministic(combine_strategy):
     assert all(torch.equal(a[2][n], b[2][n]) for n in a[2])
 
 
-@pytest.mark.parametrize("E,k,T", [(8, 2, 1), (8, 2, 4), (64, 8, 3), (256, 8, 16), (4, 4, 1)])
+@pytest.mark.parametrize("E,k,T", [(8, 2, 1), (8, 2, 3), (8, 2, 4), (64, 8, 1), (64, 8, 3), (256, 8, 16), (4, 4, 1)])
 def test_decode_path_matches_naive(E, k, T):
     """Inference with at most E slots uses the gathered-weights path; it equals the reference."""
     from moelab.model.moe import _is_decode

@@ -20,7 +20,9 @@ Dispatch backends (selected by ``ModelConfig.moe_backend``), all numerically equ
   contributions per token in fp32. No host synchronisation, no padding, deterministic combine
   (``index_add_`` on CPU; a permutation and a fixed-order sum on GPUs, where ``index_add_`` is atomic).
   Without autograd and with at most ``E`` slots (decoding) it gathers the selected experts' weights
-  and runs two batched matmuls instead (``experts_gathered``): no sort, no per-expert groups.
+  and runs two batched matmuls instead (``experts_gathered``): no sort, no per-expert groups; on CPU
+  up to ``DECODE_LOOP_MAX_SLOTS`` slots run one matmul pair each on the weights in place
+  (``experts_per_slot``), which avoids copying weights.
 * ``loop`` -- the same sort, then a Python loop of plain matmuls over per-expert slices (works on any
   torch; synchronises once to read the group sizes).
 * ``naive`` -- the reference for tests: every expert on every token, weighted by a dense ``[T, E]``
@@ -190,6 +192,24 @@ def _experts_block(x_SD, weight_S, w_gate_up_E2FD, w_down_EDF, counts_E, dtype) 
     return grouped_linear(_weighted_swiglu(h_S2F, weight_S), w_down_EDF.to(dtype), offsets_E)
 
 
+DECODE_LOOP_MAX_SLOTS = 8  # CPU decode: up to this many slots, one matmul pair per slot on weight views
+
+
+def experts_per_slot(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.Tensor:
+    """Decode path for a handful of slots on CPU: each slot's expert on its token, reading the
+    expert's weights in place (no gather copy, no sort) -- the work of computing the selected
+    experts one by one, in the fewest kernels."""
+    dtype = _compute_dtype(x_TD)
+    n_tokens, top_k = routing.expert_TK.shape
+    out_TD = torch.zeros(n_tokens, x_TD.shape[1], dtype=torch.float32, device=x_TD.device)
+    for t, experts in enumerate(routing.expert_TK.tolist()):
+        x_1D = x_TD[t : t + 1].to(dtype)
+        for j, e in enumerate(experts):
+            a_1F = _weighted_swiglu(F.linear(x_1D, w_gate_up_E2FD[e].to(dtype)), routing.weight_TK[t, j : j + 1])
+            out_TD[t] += F.linear(a_1F, w_down_EDF[e].to(dtype))[0].float()
+    return out_TD.to(x_TD.dtype)
+
+
 def experts_grouped_mm(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.Tensor:
     """Dispatch with grouped matmuls over expert-contiguous groups.
 
@@ -199,6 +219,8 @@ def experts_grouped_mm(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> to
     group sizes are read on the host, which costs nothing there.
     """
     if _is_decode(x_TD, routing):
+        if x_TD.device.type == "cpu" and routing.expert_TK.numel() <= DECODE_LOOP_MAX_SLOTS:
+            return experts_per_slot(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
         return experts_gathered(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
     dtype = _compute_dtype(x_TD)
     plan = DispatchPlan.from_routing(routing)

@@ -28,7 +28,8 @@ class _WeightedSwiGLU(torch.autograd.Function):
             a_SF.mul_(w_S.unsqueeze(-1).to(a_SF.dtype))
         else:  # weight in fp32, result in the compute dtype
             a_SF = (a_SF.float() * w_S.unsqueeze(-1)).to(h_S2F.dtype)
-        ctx.save_for_backward(h_S2F, w_S)
+        if ctx is not None:
+            ctx.save_for_backward(h_S2F, w_S)
         return a_SF
 
     @staticmethod
@@ -50,4 +51,7 @@ class _WeightedSwiGLU(torch.autograd.Function):
 
 def weighted_swiglu(h_S2F: torch.Tensor, w_S: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up * w`` for ``h = [gate | up]`` of shape ``[S, 2F]`` and fp32 weights ``[S]``."""
-    return _WeightedSwiGLU.apply(h_S2F, w_S)
+    if torch.is_grad_enabled() and (h_S2F.requires_grad or w_S.requires_grad):
+        return _WeightedSwiGLU.apply(h_S2F, w_S)
+    with torch.no_grad():  # inference: the same arithmetic without the autograd node
+        return _WeightedSwiGLU.forward(None, h_S2F, w_S)
