@@ -165,6 +165,11 @@ def _copy_tokenizer(src: Path, out: Path) -> None:
     """Carry tokenizer files along so the converted checkpoint stays usable."""
     import shutil
 
+    import moelab
+
+    if not (src / "config.json").is_file():  # a run directory: its newest good checkpoint
+        src = moelab._latest_run_checkpoint(src) or src
+
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "moelab_tokenizer.json"):
         if (src / name).is_file():
             shutil.copyfile(src / name, out / name)

@@ -184,11 +184,14 @@ def _run_generation(run: _TaskRun, model, tokenizer, s: EvalSettings, tick) -> N
             prompts.append(req.prompt)
             sample_ids.append(f"{run.name}:{i}:{k}")
     t0 = time.perf_counter()
+    max_new = req0.max_new_tokens
+    if s.max_new_tokens is None:  # a task default must not exceed a small model's context: keep half for the prompt
+        max_new = max(1, min(max_new, model.config.max_seq_len // 2))
     gens = generate(
         model,
         tokenizer,
         prompts,
-        max_new_tokens=req0.max_new_tokens,
+        max_new_tokens=max_new,
         stop=req0.stop,
         temperature=s.temperature,
         top_p=s.top_p,
