@@ -14,14 +14,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import MoelabError
+from .errors import DataError, MoelabError
 
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def _fsync_dir(path: Path) -> None:
+def current_umask() -> int:
+    """The process umask (read once at import; mkstemp/mkdtemp ignore it, so we apply it ourselves)."""
+    return _UMASK
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory, ignoring file systems that do not support it."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -51,7 +57,7 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, dest)
-        _fsync_dir(dest.parent)
+        fsync_path(dest.parent)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -89,3 +95,22 @@ def path_inside(root: str | os.PathLike, relative: str | os.PathLike) -> Path:
     if p != root_p and root_p not in p.parents:
         raise MoelabError(f"path {str(relative)!r} escapes the run directory {str(root_p)!r}; use a relative path inside it")
     return p
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-blank line of a JSON Lines file.
+
+    A line that is not valid JSON or not a JSON object is a :class:`DataError` naming ``path:line``.
+    """
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}; write one object per line")
+            yield lineno, obj

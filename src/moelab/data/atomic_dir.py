@@ -14,26 +14,12 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import DataError
+from ..io import current_umask, fsync_path
 
 
 def _fsync_tree(root: Path) -> None:
     for p in sorted(root.rglob("*")) + [root]:
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+        fsync_path(p)
 
 
 def _is_empty_dir(p: Path) -> bool:
@@ -54,7 +40,7 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         yield tmp
-        mask = _current_umask()  # mkdtemp/mkstemp use 0700/0600; give the result normal permissions
+        mask = current_umask()  # mkdtemp/mkstemp use 0700/0600; give the result normal permissions
         for p in [tmp, *tmp.rglob("*")]:
             os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
         _fsync_tree(tmp)

@@ -12,11 +12,11 @@ Any problem raises :class:`~moelab.errors.DataError` naming ``file:line`` and th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from ..errors import DataError
+from ..io import iter_jsonl
 
 JSONL_SUFFIXES = (".jsonl",)
 TEXT_SUFFIXES = (".txt", ".md")
@@ -39,23 +39,14 @@ def check_inputs(paths: Iterable[str | Path]) -> list[Path]:
 def iter_jsonl_texts(path: str | Path, field: str) -> Iterator[str]:
     """Yield ``obj[field]`` for every non-blank line of a JSONL file."""
     path = Path(path)
-    with open(path, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}; write one object per line")
-            if field not in obj:
-                have = ", ".join(sorted(obj)) or "none"
-                raise DataError(f"{path}:{lineno}: missing field {field!r} (fields: {have}); pass --field NAME or fix the line")
-            value = obj[field]
-            if not isinstance(value, str):
-                raise DataError(f"{path}:{lineno}: field {field!r} is {type(value).__name__}, not a string; fix the line")
-            yield value
+    for lineno, obj in iter_jsonl(path):
+        if field not in obj:
+            have = ", ".join(sorted(obj)) or "none"
+            raise DataError(f"{path}:{lineno}: missing field {field!r} (fields: {have}); pass --field NAME or fix the line")
+        value = obj[field]
+        if not isinstance(value, str):
+            raise DataError(f"{path}:{lineno}: field {field!r} is {type(value).__name__}, not a string; fix the line")
+        yield value
 
 
 def iter_texts(path: str | Path, field: str = "text") -> Iterator[str]:

@@ -7,12 +7,12 @@ ignored, UTF-8. Nothing is downloaded: every task reads local files only.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ...errors import ConfigError, DataError
+from ...io import iter_jsonl
 
 #: Environment variable naming the folder that holds the evaluation data sets.
 DATA_ENV = "MOELAB_DATA"
@@ -47,29 +47,17 @@ def read_jsonl(
             "pointing at the folder that holds it"
         )
     records: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}); fix or delete that line") from None
-            if not isinstance(record, dict):
-                raise DataError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}; "
-                    "write one object per line"
-                )
-            missing = [name for name in required_fields if name not in record]
-            if missing:
-                raise DataError(
-                    f"{path}:{lineno}: missing field(s) {', '.join(missing)}; every record needs "
-                    f"{', '.join(required_fields)}"
-                )
-            problem = check(record) if check is not None else None
-            if problem:
-                raise DataError(f"{path}:{lineno}: {problem}")
-            records.append(record)
+    for lineno, record in iter_jsonl(path):
+        missing = [name for name in required_fields if name not in record]
+        if missing:
+            raise DataError(
+                f"{path}:{lineno}: missing field(s) {', '.join(missing)}; every record needs "
+                f"{', '.join(required_fields)}"
+            )
+        problem = check(record) if check is not None else None
+        if problem:
+            raise DataError(f"{path}:{lineno}: {problem}")
+        records.append(record)
     if not records:
         raise DataError(f"{path} holds no records; it must contain one JSON object per line")
     return records
