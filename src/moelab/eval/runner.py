@@ -331,8 +331,8 @@ def model_summary(model) -> dict[str, Any]:
 
 def evaluate(
     model,
-    tokenizer,
-    tasks: Sequence[str | Task] | str,
+    tokenizer=None,
+    tasks: Sequence[str | Task] | str = (),
     *,
     shots: int | None = None,
     limit: int | None = None,
@@ -352,6 +352,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``tasks`` (names or :class:`Task` objects); see the module docstring.
 
+    ``model`` is a model object (then ``tokenizer`` is a tokenizer or a spec such as ``"byte"``) or a
+    path to a checkpoint, run or Mixtral directory, whose tokenizer and synthetic data config are used.
+
     ``shots`` / ``max_new_tokens`` override the task defaults; ``limit`` keeps the first documents;
     ``synthetic`` (a SyntheticConfig or its dict) provides the synthetic test sets; ``log_samples``
     writes one JSON line per sample there. All documents and few-shot pools are loaded (and every
@@ -359,6 +362,19 @@ def evaluate(
     """
     from .. import __version__
 
+    if isinstance(model, (str, Path)):  # a checkpoint, run or Mixtral directory: load what it holds
+        from .loading import load_for_eval, synthetic_config
+
+        loaded = load_for_eval(model, tokenizer=tokenizer if tokenizer is None or isinstance(tokenizer, (str, Path)) else None)
+        model, tokenizer = loaded.model, (loaded.tokenizer if tokenizer is None or isinstance(tokenizer, (str, Path)) else tokenizer)
+        if synthetic is None and isinstance((loaded.meta.get("data") or {}).get("synthetic"), dict):
+            synthetic = synthetic_config(loaded.meta, loaded.checkpoint / "config.json")
+    elif tokenizer is None or isinstance(tokenizer, (str, Path)):
+        from ..data.tokenizer import load_tokenizer
+
+        if tokenizer is None:
+            raise ConfigError("evaluate() needs a tokenizer for a model object: pass tokenizer='byte', a tokenizer.json or a tokenizer")
+        tokenizer = load_tokenizer(tokenizer)
     settings = EvalSettings(
         shots=shots, limit=limit, samples=samples, ks=list(ks) if ks is not None else None,
         temperature=temperature, top_p=top_p, batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed,
