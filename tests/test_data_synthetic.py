@@ -207,3 +207,21 @@ def test_invalid_synthetic_config_is_config_error(bad):
     assert "\n" not in msg and "SyntheticConfig" in msg and "fix" in msg
     with pytest.raises(ConfigError):
         SyntheticConfig.model_validate(bad)
+
+
+def test_tiny_problem_space_is_an_error_not_a_hang(monkeypatch):
+    """When the test set exhausts the problem space, training-stream generation fails clearly."""
+    import itertools
+
+    import moelab.data.synthetic as synthetic
+    from moelab.errors import ConfigError
+
+    monkeypatch.setattr(synthetic, "test_problem_hashes", lambda cfg: _all_hashes())
+    monkeypatch.setattr(synthetic, "problem_hash", lambda q: "same")
+    cfg = synthetic.SyntheticConfig(memorization_weight=0.0, min_ops=1, max_ops=1)
+    with pytest.raises(ConfigError, match="problem space is too small"):
+        list(itertools.islice(synthetic.iter_documents(cfg, 0), 5))
+
+
+def _all_hashes():
+    return frozenset({"same"})

@@ -130,13 +130,24 @@ def _memorization_stream(units: list[tuple[int, str]], key: str) -> Iterator[tup
         epoch += 1
 
 
+MAX_EXCLUDED_IN_A_ROW = 10_000
+
+
 def _reasoning_stream(cfg: SyntheticConfig, key: str, exclude: frozenset[str]) -> Iterator[tuple[str, int]]:
     rng = random.Random(key)
     ops = tuple(cfg.operations)
+    excluded_in_a_row = 0
     while True:
         p = draw_problem(rng, rng.randint(cfg.min_ops, cfg.max_ops), cfg.modulus, ops)
         if problem_hash(question_text(p)) in exclude:
+            excluded_in_a_row += 1
+            if excluded_in_a_row >= MAX_EXCLUDED_IN_A_ROW:  # the test set has used up the problem space
+                raise ConfigError(
+                    f"{MAX_EXCLUDED_IN_A_ROW} reasoning problems in a row were test problems: the problem space is too small "
+                    "for the test set; raise modulus or max_ops, add operations, or lower n_test_reasoning"
+                )
             continue
+        excluded_in_a_row = 0
         yield document(p), p.difficulty
 
 
