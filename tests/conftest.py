@@ -23,6 +23,16 @@ def data_dir() -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tiny models on one thread: they gain nothing from threads, and OpenMP barriers
+    stall when other processes hold the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

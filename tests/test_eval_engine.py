@@ -20,13 +20,7 @@ from moelab.eval.loglikelihood import answer_loglikelihood, encode_pair, loglike
 from moelab.eval.runner import evaluate
 from moelab.eval.tasks import get_task
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and OpenMP barriers stall when other processes hold the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TOK = ByteTokenizer()

@@ -19,15 +19,9 @@ import moelab
 from moelab.cli import main
 from moelab.data.world import ATTRIBUTES
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def assert_same(a: dict, b: dict) -> None:

@@ -10,13 +10,7 @@ from moelab.data.tokenizer import ByteTokenizer
 from moelab.errors import ConfigError
 from moelab.eval.generate import generate, generate_reference, next_tokens, row_uniforms
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and OpenMP barriers stall when other processes hold the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PROMPTS = [

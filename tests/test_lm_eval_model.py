@@ -39,12 +39,7 @@ MAX_NEW = 12
 DIGITS = [ord(c) for c in "0123456789"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def digit_model():
