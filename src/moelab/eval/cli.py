@@ -50,6 +50,7 @@ def eval_cmd(
     out: Path = typer.Option(Path("results.json"), "--out", help="Where to write the results JSON."),
     log_samples: bool = typer.Option(False, "--log-samples", help="Also write <out>.samples.jsonl: prompt, output, extracted answer, correct."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder holding gsm8k/, gsm_plus/, ... (default $MOELAB_DATA or ./data)."),
+    source: str = typer.Option("local", "--source", help="Data for gsm8k, gsm_plus, triviaqa, hellaswag: 'local' JSON Lines files (--data-dir) or 'hf' = the Hugging Face datasets lm-eval uses (pip install 'moelab\\[datasets]'; online or cached)."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="'byte', a tokenizer.json or a directory with one (default: from the checkpoint)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with ETA."),
@@ -57,12 +58,14 @@ def eval_cmd(
     """Evaluate a model on tasks: metrics, answer-only task loss, test-time-compute curves."""
     from .loading import load_for_eval, synthetic_config
     from .runner import EvalSettings, evaluate, parse_task_list, test_time_csv, SYNTHETIC_TASKS
+    from .tasks.files import check_source
 
     names = parse_task_list(tasks)
     k_values = _int_list(ks, "--ks")
     # check every setting before loading anything heavy
     EvalSettings(shots=shots, limit=limit, samples=samples, ks=k_values, temperature=temperature, top_p=top_p,
-                 batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed)
+                 batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed, source=source)
+    check_source(source, data_dir=data_dir)
     loaded = load_for_eval(model, tokenizer=tokenizer)
     synthetic = None
     if any(n in SYNTHETIC_TASKS for n in names):
@@ -70,7 +73,7 @@ def eval_cmd(
     report = evaluate(
         loaded.model, loaded.tokenizer, names, shots=shots, limit=limit, samples=samples, ks=k_values,
         temperature=temperature, top_p=top_p, batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed,
-        data_dir=data_dir, synthetic=synthetic, log_samples=sibling(out, ".samples.jsonl") if log_samples else None,
+        data_dir=data_dir, source=source, synthetic=synthetic, log_samples=sibling(out, ".samples.jsonl") if log_samples else None,
         progress=progress, model_info={"model": str(loaded.path), "checkpoint": str(loaded.checkpoint)},
     )
     atomic_write_json(out, report)

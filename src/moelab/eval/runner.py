@@ -42,6 +42,7 @@ from .loglikelihood import answer_loglikelihood, loglikelihood, move_trailing_wh
 from .metrics import default_ks, task_loss as to_task_loss, test_time_curve
 from .tasks import GenerationTask, MultipleChoiceTask, Task, get_task, list_tasks
 from .tasks.base import GROUP_KEY
+from .tasks.files import LOCAL, check_source
 from .tasks.registry import TASKS
 
 SYNTHETIC_TASKS = ("synthetic-memorization", "synthetic-reasoning")
@@ -60,8 +61,10 @@ class EvalSettings:
     batch_size: int = 16
     max_new_tokens: int | None = None
     seed: int = 0
+    source: str = LOCAL
 
     def __post_init__(self) -> None:
+        check_source(self.source)
         if self.shots is not None and self.shots < 0:
             raise ConfigError(f"--shots must be >= 0, got {self.shots}")
         if self.limit is not None and self.limit < 1:
@@ -136,9 +139,10 @@ def build_task(
     shots: int | None = None,
     max_new_tokens: int | None = None,
     data_dir: str | Path | None = None,
+    source: str = LOCAL,
     synthetic=None,
 ) -> Task:
-    """Construct a registered task, passing only the options it accepts."""
+    """Construct a registered task, passing only the options it accepts (``source`` goes to file-backed tasks)."""
     if name not in TASKS:
         raise ConfigError(f"unknown eval task {name!r}; choose one of: {', '.join(list_tasks())}")
     params = inspect.signature(TASKS[name]).parameters
@@ -149,6 +153,8 @@ def build_task(
         kwargs["max_new_tokens"] = max_new_tokens
     if data_dir is not None and "data_dir" in params:
         kwargs["data_dir"] = data_dir
+    if "source" in params:
+        kwargs["source"] = source
     if "docs" in params:
         if synthetic is None:
             raise ConfigError(
@@ -344,6 +350,7 @@ def evaluate(
     max_new_tokens: int | None = None,
     seed: int = 0,
     data_dir: str | Path | None = None,
+    source: str = LOCAL,
     synthetic=None,
     task_loss: bool = True,
     log_samples: str | Path | None = None,
@@ -356,6 +363,9 @@ def evaluate(
     path to a checkpoint, run or Mixtral directory, whose tokenizer and synthetic data config are used.
 
     ``shots`` / ``max_new_tokens`` override the task defaults; ``limit`` keeps the first documents;
+    ``source`` is where gsm8k, gsm_plus, triviaqa and hellaswag get their records: ``"local"`` JSON
+    Lines files under ``data_dir`` (default) or ``"hf"``, the Hugging Face datasets lm-eval uses
+    (needs ``pip install 'moelab[datasets]'``; see :mod:`moelab.eval.tasks.files`);
     ``synthetic`` (a SyntheticConfig or its dict) provides the synthetic test sets; ``log_samples``
     writes one JSON line per sample there. All documents and few-shot pools are loaded (and every
     setting checked) before the model runs, so bad inputs fail fast.
@@ -378,6 +388,7 @@ def evaluate(
     settings = EvalSettings(
         shots=shots, limit=limit, samples=samples, ks=list(ks) if ks is not None else None,
         temperature=temperature, top_p=top_p, batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed,
+        source=source,
     )
     if isinstance(tasks, str):
         tasks = parse_task_list(tasks)
@@ -387,7 +398,8 @@ def evaluate(
     runs: list[_TaskRun] = []
     for t in tasks:
         task = t if isinstance(t, Task) else build_task(
-            parse_task_list([t])[0], shots=shots, max_new_tokens=max_new_tokens, data_dir=data_dir, synthetic=synthetic
+            parse_task_list([t])[0], shots=shots, max_new_tokens=max_new_tokens, data_dir=data_dir, source=source,
+            synthetic=synthetic,
         )
         if not isinstance(task, (GenerationTask, MultipleChoiceTask)):
             raise ConfigError(f"task {task.name!r} is neither a generation nor a multiple-choice task")
@@ -437,6 +449,7 @@ def evaluate(
             "batch_size": batch_size,
             "max_new_tokens": max_new_tokens,
             "seed": seed,
+            "source": source,
             "tokenizer": getattr(tokenizer, "spec", type(tokenizer).__name__),
         },
         **report,

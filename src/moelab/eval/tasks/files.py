@@ -1,15 +1,24 @@
-"""Locating and reading evaluation data files (JSON Lines), with one-line errors.
+"""Reading evaluation records: local JSON Lines files (default) or, on request, the Hugging Face Hub.
 
-Conventions: the data folder is ``data_dir`` when given, else ``$MOELAB_DATA``, else ``./data``
-(relative to the working directory). Files are JSON Lines: one JSON object per line, blank lines
-ignored, UTF-8. Nothing is downloaded: every task reads local files only.
+Conventions: every file-backed task takes ``source``: ``"local"`` (the default) reads JSON Lines files
+from the data folder and never imports ``datasets``; ``"hf"`` loads the split lm-eval uses with
+``datasets.load_dataset(path, name, split=split)`` (the optional extra ``pip install
+'moelab[datasets]'``; network access or a cached copy). Both go through the same record checks.
+
+The data folder is ``data_dir`` when given, else ``$MOELAB_DATA``, else ``./data`` (relative to the
+working directory). Files are JSON Lines: one JSON object per line, blank lines ignored, UTF-8. Errors
+are one line naming the record: ``path:line: ...`` for files, ``hf:<dataset>[/<config>]/<split>:<row>``
+(``row`` = 0-based dataset index) for the hub.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from ...errors import ConfigError, DataError
 from ...io import iter_jsonl
@@ -17,8 +26,43 @@ from ...io import iter_jsonl
 #: Environment variable naming the folder that holds the evaluation data sets.
 DATA_ENV = "MOELAB_DATA"
 
+#: Record sources: local JSON Lines files (the default) or the Hugging Face Hub via ``datasets``.
+LOCAL, HF = "local", "hf"
+SOURCES = (LOCAL, HF)
+
 #: Optional per-record check: returns an error description (without location) or ``None`` if valid.
 RecordCheck = Callable[[dict[str, Any]], "str | None"]
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    """A Hugging Face dataset as lm-eval names it: ``dataset_path`` and ``dataset_name`` (config)."""
+
+    path: str
+    name: str | None = None
+
+    def location(self, split: str) -> str:
+        """``hf:<path>[/<name>]/<split>``, the prefix of error messages about its records."""
+        return "hf:" + "/".join(part for part in (self.path, self.name, split) if part)
+
+
+def check_source(source: str, **local_options: Any) -> str:
+    """``source`` after checking it is ``"local"`` or ``"hf"``.
+
+    ``local_options`` are the caller's local-file arguments (e.g. ``data_dir=..., path=...``): with
+    ``"hf"`` any that is not ``None`` is a :class:`ConfigError`, since it would be silently ignored.
+    """
+    if source not in SOURCES:
+        raise ConfigError(
+            f"unknown data source {source!r}; use 'local' (JSON Lines files) or 'hf' (Hugging Face datasets)"
+        )
+    given = [name for name, value in local_options.items() if value is not None]
+    if source == HF and given:
+        raise ConfigError(
+            f"source 'hf' loads from the Hugging Face Hub, but local file option(s) {', '.join(given)} "
+            "were given; drop them or use source 'local' (--source local)"
+        )
+    return source
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -27,6 +71,29 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
         return Path(data_dir)
     env = os.environ.get(DATA_ENV)
     return Path(env) if env else Path("data")
+
+
+def _validated(
+    located: Iterable[tuple[str, Any]],
+    required_fields: Sequence[str],
+    check: RecordCheck | None,
+) -> list[dict[str, Any]]:
+    """The records of ``(location, record)`` pairs as dicts, after the field and ``check`` tests."""
+    records: list[dict[str, Any]] = []
+    for where, record in located:
+        if not isinstance(record, Mapping):
+            raise DataError(f"{where}: expected a record with named fields, got {type(record).__name__}")
+        record = dict(record)
+        missing = [name for name in required_fields if name not in record]
+        if missing:
+            raise DataError(
+                f"{where}: missing field(s) {', '.join(missing)}; every record needs {', '.join(required_fields)}"
+            )
+        problem = check(record) if check is not None else None
+        if problem:
+            raise DataError(f"{where}: {problem}")
+        records.append(record)
+    return records
 
 
 def read_jsonl(
@@ -46,21 +113,63 @@ def read_jsonl(
             f"data file not found: {path.resolve()}; put it there, or set {DATA_ENV} / pass data_dir "
             "pointing at the folder that holds it"
         )
-    records: list[dict[str, Any]] = []
-    for lineno, record in iter_jsonl(path):
-        missing = [name for name in required_fields if name not in record]
-        if missing:
-            raise DataError(
-                f"{path}:{lineno}: missing field(s) {', '.join(missing)}; every record needs "
-                f"{', '.join(required_fields)}"
-            )
-        problem = check(record) if check is not None else None
-        if problem:
-            raise DataError(f"{path}:{lineno}: {problem}")
-        records.append(record)
+    records = _validated(((f"{path}:{lineno}", record) for lineno, record in iter_jsonl(path)), required_fields, check)
     if not records:
         raise DataError(f"{path} holds no records; it must contain one JSON object per line")
     return records
+
+
+def read_hub(
+    dataset: HubDataset,
+    split: str,
+    required_fields: Sequence[str] = (),
+    check: RecordCheck | None = None,
+) -> list[dict[str, Any]]:
+    """All rows of a Hugging Face dataset split, in dataset order, checked as :func:`read_jsonl` does.
+
+    Calls ``datasets.load_dataset(dataset.path, dataset.name, split=split)`` and needs only an iterable
+    of mapping rows back. Raises :class:`ConfigError` when ``datasets`` is not installed, and
+    :class:`DataError` when loading fails (offline and not cached, unknown split, ...), for a bad row
+    (``hf:<dataset>[/<config>]/<split>:<row>: ...``) or an empty split.
+    """
+    where = dataset.location(split)
+    try:
+        datasets = importlib.import_module("datasets")
+    except ImportError as e:
+        raise ConfigError(
+            f"source 'hf' needs the Hugging Face datasets package ({e}); install it with "
+            "`pip install 'moelab[datasets]'` or use local files (--source local)"
+        ) from None
+    try:
+        rows = datasets.load_dataset(dataset.path, dataset.name, split=split)
+    except Exception as e:  # offline, not cached, no such dataset/split, hub errors: all user-facing
+        detail = (str(e).strip().splitlines() or [""])[0]
+        raise DataError(
+            f"cannot load {where} ({type(e).__name__}: {detail}); connect to the Hugging Face Hub "
+            "(and unset HF_DATASETS_OFFLINE), or use local JSON Lines files: --source local --data-dir DIR"
+        ) from None
+    records = _validated(((f"{where}:{row}", record) for row, record in enumerate(rows)), required_fields, check)
+    if not records:
+        raise DataError(f"{where} holds no records; check the dataset split or use local files (--source local)")
+    return records
+
+
+def read_split(
+    source: str,
+    path: str | os.PathLike,
+    dataset: HubDataset,
+    split: str,
+    required_fields: Sequence[str] = (),
+    check: RecordCheck | None = None,
+) -> list[dict[str, Any]]:
+    """One split of a task's data: the local file ``path`` or the hub ``dataset``'s ``split``.
+
+    ``source`` is ``"local"`` (:func:`read_jsonl`, never imports ``datasets``) or ``"hf"``
+    (:func:`read_hub`); the same ``required_fields`` and ``check`` apply to both.
+    """
+    if check_source(source) == HF:
+        return read_hub(dataset, split, required_fields, check)
+    return read_jsonl(path, required_fields, check)
 
 
 def first(docs: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:

@@ -1,7 +1,8 @@
 """GSM8K, lm-eval 0.4.13 ``gsm8k.yaml`` protocol on local files.
 
 Files: ``{data_dir}/gsm8k/test.jsonl`` (evaluated) and ``{data_dir}/gsm8k/train.jsonl`` (few-shot
-pool), fields ``question`` and ``answer`` (solution ending in ``#### <number>``).
+pool), fields ``question`` and ``answer`` (solution ending in ``#### <number>``). With
+``source="hf"``: lm-eval's ``openai/gsm8k`` config ``main``, splits ``test`` and ``train`` (same fields).
 
 Protocol: ``doc_to_text = "Question: {question}\\nAnswer:"``, target ``{answer}`` after the default
 ``target_delimiter`` ``" "``, examples joined by ``"\\n\\n"``; few-shot drawn from train with
@@ -19,10 +20,12 @@ from typing import Any
 
 from ..metrics import GSM8K_STOP, INVALID, gsm8k_score, normalize_gsm8k, strict_match
 from .base import Doc, GenerationTask
-from .files import first, read_jsonl, resolve_data_dir
+from .files import LOCAL, HubDataset, check_source, first, read_split, resolve_data_dir
 from .fewshot import LM_EVAL_FEWSHOT_SEED
 
 GSM8K_FIELDS = ("question", "answer")
+#: The Hugging Face dataset lm-eval's ``gsm8k.yaml`` reads (``source="hf"``).
+GSM8K_HUB = HubDataset("openai/gsm8k", "main")
 
 
 class Gsm8kTask(GenerationTask):
@@ -39,17 +42,19 @@ class Gsm8kTask(GenerationTask):
         num_fewshot: int | None = None,
         fewshot_seed: int = LM_EVAL_FEWSHOT_SEED,
         max_new_tokens: int = 256,
+        source: str = LOCAL,
     ) -> None:
         super().__init__(num_fewshot=num_fewshot, fewshot_seed=fewshot_seed, max_new_tokens=max_new_tokens)
+        self.source = check_source(source, data_dir=data_dir)
         folder = resolve_data_dir(data_dir) / "gsm8k"
         self.test_path: Path = folder / "test.jsonl"
         self.train_path: Path = folder / "train.jsonl"
 
     def load_docs(self, limit: int | None = None) -> list[Doc]:
-        return first(read_jsonl(self.test_path, GSM8K_FIELDS), limit)
+        return first(read_split(self.source, self.test_path, GSM8K_HUB, "test", GSM8K_FIELDS), limit)
 
     def load_fewshot_docs(self) -> list[Doc]:
-        return read_jsonl(self.train_path, GSM8K_FIELDS)
+        return read_split(self.source, self.train_path, GSM8K_HUB, "train", GSM8K_FIELDS)
 
     def doc_to_text(self, doc: Doc) -> str:
         return f"Question: {doc['question']}\nAnswer:"

@@ -1,7 +1,8 @@
 """GSM-Plus (testmini), lm-eval 0.4.13 ``gsm_plus_mini.yaml`` protocol on a local file.
 
 File: ``{data_dir}/gsm_plus/testmini.jsonl`` with fields ``question``, ``solution`` (ending in
-``#### <answer>``), ``answer``, ``perturbation_type`` (plus seed_* fields, unused).
+``#### <answer>``), ``answer``, ``perturbation_type`` (plus seed_* fields, unused). With
+``source="hf"``: lm-eval's ``qintongli/GSM-Plus``, split ``testmini`` (same fields).
 
 Protocol as lm-eval: prompt ``"Question: {question}\\nAnswer:"``, target ``{solution}``; the few-shot
 pool is testmini itself (``fewshot_split == test_split``), so lm-eval draws ``n + 1`` docs with
@@ -27,10 +28,12 @@ from typing import Any
 
 from ..metrics import GSM8K_STOP, INVALID, gsm8k_score, normalize_gsm8k, strict_match
 from .base import GROUP_KEY, Doc, GenerationTask
-from .files import first, read_jsonl, resolve_data_dir
+from .files import LOCAL, HubDataset, check_source, first, read_split, resolve_data_dir
 from .fewshot import LM_EVAL_FEWSHOT_SEED
 
 GSM_PLUS_FIELDS = ("question", "solution", "answer", "perturbation_type")
+#: The Hugging Face dataset lm-eval's ``gsm_plus_mini.yaml`` reads (``source="hf"``).
+GSM_PLUS_HUB = HubDataset("qintongli/GSM-Plus")
 CRITICAL_THINKING = "critical thinking"
 _SAYS_NONE = re.compile(r"####\s*none\b", re.IGNORECASE)
 
@@ -54,15 +57,17 @@ class GsmPlusTask(GenerationTask):
         num_fewshot: int | None = None,
         fewshot_seed: int = LM_EVAL_FEWSHOT_SEED,
         max_new_tokens: int = 256,
+        source: str = LOCAL,
     ) -> None:
         super().__init__(num_fewshot=num_fewshot, fewshot_seed=fewshot_seed, max_new_tokens=max_new_tokens)
+        self.source = check_source(source, data_dir=data_dir)
         self.path: Path = resolve_data_dir(data_dir) / "gsm_plus" / "testmini.jsonl"
 
     def load_docs(self, limit: int | None = None) -> list[Doc]:
         return first(self.fewshot_docs(), limit)
 
     def load_fewshot_docs(self) -> list[Doc]:
-        return read_jsonl(self.path, GSM_PLUS_FIELDS)
+        return read_split(self.source, self.path, GSM_PLUS_HUB, "testmini", GSM_PLUS_FIELDS)
 
     def doc_to_text(self, doc: Doc) -> str:
         return f"Question: {doc['question']}\nAnswer:"

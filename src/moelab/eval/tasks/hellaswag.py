@@ -3,7 +3,9 @@
 Files: the evaluated JSONL (default ``{data_dir}/hellaswag/validation.jsonl``) and an optional train
 JSONL for few-shot examples (default ``{data_dir}/hellaswag/train.jsonl`` when it exists; otherwise
 the evaluated file). Records use the standard fields ``ind``, ``activity_label``, ``ctx_a``,
-``ctx_b``, ``ctx``, ``endings`` (4 strings) and ``label`` (index, int or digit string).
+``ctx_b``, ``ctx``, ``endings`` (4 strings) and ``label`` (index, int or digit string). With
+``source="hf"``: lm-eval's ``Rowan/hellaswag`` (no config), split ``validation`` evaluated and
+``train`` for few-shot examples (same fields).
 
 Protocol: each doc gains ``query = preprocess(activity_label + ": " + ctx_a + " " +
 ctx_b.capitalize())``, ``choices = [preprocess(e) for e in endings]``, ``gold = int(label)``.
@@ -19,10 +21,12 @@ import re
 from pathlib import Path
 
 from .base import Doc, MultipleChoiceTask
-from .files import first, read_jsonl, resolve_data_dir
+from .files import LOCAL, HubDataset, check_source, first, read_split, resolve_data_dir
 from .fewshot import LM_EVAL_FEWSHOT_SEED
 
 HELLASWAG_FIELDS = ("activity_label", "ctx_a", "ctx_b", "endings", "label")
+#: The Hugging Face dataset lm-eval's ``hellaswag.yaml`` reads (``source="hf"``).
+HELLASWAG_HUB = HubDataset("Rowan/hellaswag")
 
 
 def preprocess(text: str) -> str:
@@ -72,8 +76,10 @@ class HellaSwagTask(MultipleChoiceTask):
         train_path: str | os.PathLike | None = None,
         num_fewshot: int | None = None,
         fewshot_seed: int = LM_EVAL_FEWSHOT_SEED,
+        source: str = LOCAL,
     ) -> None:
         super().__init__(num_fewshot=num_fewshot, fewshot_seed=fewshot_seed)
+        self.source = check_source(source, data_dir=data_dir, path=path, train_path=train_path)
         folder = resolve_data_dir(data_dir) / "hellaswag"
         self.path: Path = Path(path) if path is not None else folder / "validation.jsonl"
         if train_path is not None:
@@ -82,14 +88,15 @@ class HellaSwagTask(MultipleChoiceTask):
             default_train = folder / "train.jsonl"
             self.train_path = default_train if default_train.is_file() else None
 
-    def _read(self, path: Path) -> list[Doc]:
-        return [process_doc(r) for r in read_jsonl(path, HELLASWAG_FIELDS, check=_check)]
+    def _read(self, path: Path, split: str) -> list[Doc]:
+        records = read_split(self.source, path, HELLASWAG_HUB, split, HELLASWAG_FIELDS, check=_check)
+        return [process_doc(r) for r in records]
 
     def load_docs(self, limit: int | None = None) -> list[Doc]:
-        return first(self._read(self.path), limit)
+        return first(self._read(self.path, "validation"), limit)
 
     def load_fewshot_docs(self) -> list[Doc]:
-        return self._read(self.train_path if self.train_path is not None else self.path)
+        return self._read(self.train_path if self.train_path is not None else self.path, "train")
 
     def doc_to_text(self, doc: Doc) -> str:
         return doc["query"]

@@ -3,7 +3,9 @@
 Files: the evaluated JSONL (default ``{data_dir}/triviaqa/validation.jsonl``) and an optional train
 JSONL for few-shot examples (default ``{data_dir}/triviaqa/train.jsonl`` when it exists; otherwise
 shots come from the evaluated file). Each record has ``question`` and either the HF ``rc.nocontext``
-layout ``answer: {"aliases": [...], "normalized_aliases": [...], ...}`` or ``answers: [...]``.
+layout ``answer: {"aliases": [...], "normalized_aliases": [...], ...}`` or ``answers: [...]``. With
+``source="hf"``: lm-eval's ``mandarjoshi/trivia_qa`` config ``rc.nocontext``, split ``validation``
+evaluated and ``train`` for few-shot examples (records in the HF layout above, read as they are).
 
 Protocol: prompt ``"Question: {question}?\\nAnswer:"`` (lm-eval appends ``?`` even when the question
 already ends with one); gold = ``answer.aliases``; a few-shot example shows the first alias. lm-eval
@@ -21,8 +23,11 @@ from typing import Any
 
 from ..metrics import TRIVIAQA_STOP, triviaqa_exact_match, triviaqa_normalize
 from .base import Doc, GenerationTask
-from .files import first, read_jsonl, resolve_data_dir
+from .files import LOCAL, HubDataset, check_source, first, read_split, resolve_data_dir
 from .fewshot import LM_EVAL_FEWSHOT_SEED
+
+#: The Hugging Face dataset lm-eval's ``triviaqa/default.yaml`` reads (``source="hf"``).
+TRIVIAQA_HUB = HubDataset("mandarjoshi/trivia_qa", "rc.nocontext")
 
 
 def aliases(doc: Doc) -> list[str]:
@@ -63,8 +68,10 @@ class TriviaQATask(GenerationTask):
         num_fewshot: int | None = None,
         fewshot_seed: int = LM_EVAL_FEWSHOT_SEED,
         max_new_tokens: int = 256,
+        source: str = LOCAL,
     ) -> None:
         super().__init__(num_fewshot=num_fewshot, fewshot_seed=fewshot_seed, max_new_tokens=max_new_tokens)
+        self.source = check_source(source, data_dir=data_dir, path=path, train_path=train_path)
         folder = resolve_data_dir(data_dir) / "triviaqa"
         self.path: Path = Path(path) if path is not None else folder / "validation.jsonl"
         if train_path is not None:
@@ -74,10 +81,11 @@ class TriviaQATask(GenerationTask):
             self.train_path = default_train if default_train.is_file() else None
 
     def load_docs(self, limit: int | None = None) -> list[Doc]:
-        return first(read_jsonl(self.path, check=_check), limit)
+        return first(read_split(self.source, self.path, TRIVIAQA_HUB, "validation", check=_check), limit)
 
     def load_fewshot_docs(self) -> list[Doc]:
-        return read_jsonl(self.train_path if self.train_path is not None else self.path, check=_check)
+        path = self.train_path if self.train_path is not None else self.path
+        return read_split(self.source, path, TRIVIAQA_HUB, "train", check=_check)
 
     def doc_to_text(self, doc: Doc) -> str:
         return f"Question: {doc['question']}?\nAnswer:"
