@@ -68,6 +68,11 @@ def test_count_errors(capsys, tmp_path):
     assert rc == 1 and "did you mean 'd_model'" in err
 
 
+def test_error_text_with_brackets_printed_verbatim(capsys, tmp_path):
+    # error messages go through rich; square brackets (paths, pip extras) must not be eaten as markup
+    rc, _, err = run(capsys, "count", str(tmp_path / "moelab[datasets].yaml"))
+    assert rc == 1 and "moelab[datasets].yaml" in err
+
 def test_export_import_cli(capsys, tmp_path):
     model = moelab.build(moelab.ModelConfig(vocab_size=40, d_model=16, n_heads=2, d_expert=8, n_experts=4, top_k=2))
     moelab.save(model, tmp_path / "ck")
