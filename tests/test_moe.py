@@ -211,3 +211,89 @@ def test_blocked_cpu_dispatch_matches_naive(block_bytes, monkeypatch):
     torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-5)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-5)
+
+
+def _blocked_node(y):
+    return type(y.grad_fn).__name__ == "_BlockedExpertsBackward"
+
+
+def test_cpu_training_uses_one_blocked_function():
+    """On CPU in fp32 (no autocast) the grouped_mm backend is one autograd node for all experts; with
+    the GPU combine it is the grouped_linear custom op."""
+    import moelab.model.moe as moe_module
+
+    moe = make_moe(16, 4, backend="grouped_mm")
+    y, _ = moe(torch.randn(30, 16, requires_grad=True))
+    assert _blocked_node(y)
+    old = moe_module.COMBINE_STRATEGY
+    try:
+        moe_module.COMBINE_STRATEGY = "permute"
+        y, _ = moe(torch.randn(30, 16, requires_grad=True))
+        assert not _blocked_node(y)
+    finally:
+        moe_module.COMBINE_STRATEGY = old
+
+
+@pytest.mark.parametrize("block_bytes", [1, 200, 1 << 30])
+@pytest.mark.parametrize("E,k", [(8, 2), (8, 8)])
+def test_blocked_function_empty_blocks_and_topk_equals_e(E, k, block_bytes, monkeypatch):
+    """Blocks of one expert (so blocks without any row), mixed blocks and a single block, with
+    skewed routing and with k = E: output, input, router and expert gradients equal the reference,
+    and experts without rows get exactly zero gradient."""
+    import moelab.model.moe as moe_module
+
+    monkeypatch.setattr(moe_module, "CPU_BLOCK_BYTES", block_bytes)
+    moe = make_moe(E, k)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[3, 0] = 50.0
+        moe.router.weight[5, 1] = 50.0
+    x = torch.randn(40, 16)
+    x[:, 0] = x[:, 0].abs() + 0.5
+    y0, gx0, g0, aux0 = run(moe, x, "naive")
+    y1, gx1, g1, _ = run(moe, x, "grouped_mm")
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-5)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-5, msg=f"grad of {name}")
+    empty = (aux0.tokens_per_expert_E == 0).nonzero().flatten()
+    assert k == E or len(empty) >= 2
+    assert torch.all(g1["w_gate_up"][empty] == 0) and torch.all(g1["w_down"][empty] == 0)
+
+
+def test_blocked_function_partial_grads_and_no_grad():
+    """Input without gradient (only parameters train) and inference with more slots than experts."""
+    moe = make_moe(8, 2, backend="grouped_mm")
+    x = torch.randn(40, 16)
+    y, _ = moe(x)
+    assert _blocked_node(y)
+    y.sum().backward()
+    grads = {n: p.grad.clone() for n, p in moe.named_parameters()}
+    moe.set_backend("naive")
+    moe.zero_grad(set_to_none=True)
+    ref, _ = moe(x)
+    ref.sum().backward()
+    for n, p in moe.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-5, msg=n)
+    moe.set_backend("grouped_mm")
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x)[0], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_blocked_function_bf16_weights():
+    """bf16 parameters without autocast also run the blocked function; within bf16 rounding (relative
+    to each tensor's scale) of the fp32 reference on the same bf16-rounded weights and input.
+    (``grouped_mm`` needs 16-byte strides, so ``d_expert`` is a multiple of 8 in bf16.)"""
+    import copy
+
+    moe = make_moe(8, 2, Fh=16).to(torch.bfloat16)
+    x = torch.randn(40, 16).to(torch.bfloat16)
+    y_ref, gx_ref, g_ref, _ = run(copy.deepcopy(moe).float(), x.float(), "naive")
+    y, gx, g, _ = run(moe, x, "grouped_mm")
+    assert y.dtype == torch.bfloat16 and gx.dtype == torch.bfloat16
+    pairs = [("y", y, y_ref), ("x.grad", gx, gx_ref)] + [(n, g[n], g_ref[n]) for n in g_ref]
+    for name, got, ref in pairs:
+        scale = ref.abs().max().item()
+        torch.testing.assert_close(got.float(), ref, rtol=0.02, atol=0.02 * scale, msg=name)
+    out, _ = moe(x.requires_grad_(True))
+    assert type(out.grad_fn.next_functions[0][0]).__name__ == "_BlockedExpertsBackward"

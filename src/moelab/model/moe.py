@@ -19,6 +19,8 @@ Dispatch backends (selected by ``ModelConfig.moe_backend``), all numerically equ
   ``torch.nn.functional.grouped_mm`` calls over contiguous groups, and sum the ``K`` weighted
   contributions per token in fp32. No host synchronisation, no padding, deterministic combine
   (``index_add_`` on CPU; a permutation and a fixed-order sum on GPUs, where ``index_add_`` is atomic).
+  On CPU (eager, no autocast) it runs block by block of experts as one autograd function
+  (``_BlockedExperts``) whose backward writes the expert weight gradients in place.
   Without autograd and with at most ``E`` slots (decoding) it gathers the selected experts' weights
   and runs two batched matmuls instead (``experts_gathered``): no sort, no per-expert groups; on CPU
   up to ``DECODE_LOOP_MAX_SLOTS`` slots run one matmul pair each on the weights in place
@@ -31,17 +33,19 @@ Dispatch backends (selected by ``ModelConfig.moe_backend``), all numerically equ
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..config import ModelConfig
 from .grouped_mm import grouped_linear
 from .losses import load_balancing_loss, router_z_loss
-from .swiglu import weighted_swiglu
+from .swiglu import weighted_swiglu, weighted_swiglu_backward, weighted_swiglu_forward
 
 BACKENDS = ("grouped_mm", "loop", "naive")
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
@@ -185,6 +189,149 @@ def expert_blocks(tokens_per_expert: list[int], row_bytes: int, block_bytes: int
     return blocks
 
 
+def _block_spans(blocks: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+    """``(first_expert, end_expert, first_row, end_row)`` of every block of ``(n_experts, n_rows)``."""
+    spans, e0, r0 = [], 0, 0
+    for n_experts, n_rows in blocks:
+        spans.append((e0, e0 + n_experts, r0, r0 + n_rows))
+        e0, r0 = e0 + n_experts, r0 + n_rows
+    return spans
+
+
+def _grouped_mm_nt(a_SK: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """``[S, K] x [E, N, K] -> [S, N]``: rows of group ``e`` times ``w[e].T`` (no autograd)."""
+    return F.grouped_mm(a_SK, w_ENK.transpose(1, 2), offs=offsets_E)
+
+
+def _expert_weight_grads(dy_SN, x_SK, counts: list[int], grad_ENK: torch.Tensor) -> None:
+    """``grad[e] = dy_e.T @ x_e`` for the consecutive experts of ``grad_ENK`` whose row groups of
+    sizes ``counts`` tile ``dy_SN`` and ``x_SK``, written in place; zero for an expert without rows."""
+    r0 = 0
+    for e, n in enumerate(counts):
+        if n:
+            torch.mm(dy_SN[r0 : r0 + n].t(), x_SK[r0 : r0 + n], out=grad_ENK[e])
+        else:
+            grad_ENK[e].zero_()
+        r0 += n
+
+
+class _BlockedExperts(torch.autograd.Function):
+    """The whole CPU expert computation with ``index_select``/``index_add_`` dispatch, block by block.
+
+    ``out_TD[t] = sum over slots s of token t: (silu(x_t @ gate_e^T) * (x_t @ up_e^T) * weight_s) @ down_e^T``
+    in fp32, ``e`` the slot's expert. Slots are expert-sorted (``token_S``, ``weight_S``) and expert
+    ``e`` owns the ``counts[e]`` consecutive slots after those of experts ``< e``. Each block of
+    consecutive experts (``blocks`` from :func:`expert_blocks`) gathers its rows, runs grouped matmul
+    -> weighted SwiGLU -> grouped matmul on L2-resident data and adds into the output.
+
+    Backward loops over the same blocks and writes the expert weight gradients straight into one
+    ``[E, 2F, D]`` and one ``[E, D, F]`` tensor: one autograd node instead of several per block, and
+    no ``cat`` of per-block weight gradients. Only the pre-activation ``h`` of every block is saved;
+    the gathered rows, the activation and the output-gradient rows are re-gathered or recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, w_gate_up_E2FD, w_down_EDF, weight_S, token_S, counts: list[int], blocks: list[tuple[int, int]]):
+        out_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.float32)
+        spans = _block_spans(blocks)
+        h_blocks = []
+        for e0, e1, r0, r1 in spans:
+            if r0 == r1:  # no rows: nothing to compute, an empty placeholder keeps blocks aligned
+                h_blocks.append(x_TD.new_empty(0, w_gate_up_E2FD.shape[1]))
+                continue
+            token_B = token_S[r0:r1]
+            offsets_E = _host_offsets(counts[e0:e1], x_TD.device)
+            h_B2F = _grouped_mm_nt(x_TD.index_select(0, token_B), w_gate_up_E2FD[e0:e1], offsets_E)
+            a_BF = weighted_swiglu_forward(h_B2F, weight_S[r0:r1])
+            y_BD = _grouped_mm_nt(a_BF, w_down_EDF[e0:e1], offsets_E)
+            out_TD.index_add_(0, token_B, y_BD.float())
+            h_blocks.append(h_B2F)
+        ctx.save_for_backward(x_TD, w_gate_up_E2FD, w_down_EDF, weight_S, token_S, *h_blocks)
+        ctx.counts, ctx.spans = counts, spans
+        return out_TD
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout_TD):
+        x_TD, w_gate_up_E2FD, w_down_EDF, weight_S, token_S, *h_blocks = ctx.saved_tensors
+        need_dx, need_dgu, need_ddown, need_dweight = ctx.needs_input_grad[:4]
+        dout_TD = dout_TD.to(x_TD.dtype).contiguous()
+        grads = _ExpertGrads(
+            dx_TD=torch.zeros_like(x_TD) if need_dx else None,  # accumulated with index_add_
+            dgu_E2FD=torch.empty_like(w_gate_up_E2FD) if need_dgu else None,  # every expert written
+            ddown_EDF=torch.empty_like(w_down_EDF) if need_ddown else None,
+            dweight_S=torch.empty_like(weight_S) if need_dweight else None,  # every row written
+        )
+        for (e0, e1, r0, r1), h_B2F in zip(ctx.spans, h_blocks):
+            if r0 == r1:  # experts without rows: zero weight gradient
+                for grad in (grads.dgu_E2FD, grads.ddown_EDF):
+                    if grad is not None:
+                        grad[e0:e1].zero_()
+                continue
+            _block_backward(
+                dout_TD, x_TD, w_gate_up_E2FD[e0:e1], w_down_EDF[e0:e1], weight_S[r0:r1], token_S[r0:r1],
+                ctx.counts[e0:e1], h_B2F, grads.block(e0, e1, r0, r1),
+            )
+        return grads.dx_TD, grads.dgu_E2FD, grads.ddown_EDF, grads.dweight_S, None, None, None
+
+
+@dataclass
+class _ExpertGrads:
+    """Gradients of :class:`_BlockedExperts` (None where not needed); :meth:`block` gives the views
+    of one block (its experts' weight gradients and its rows' combine-weight gradients)."""
+
+    dx_TD: torch.Tensor | None
+    dgu_E2FD: torch.Tensor | None
+    ddown_EDF: torch.Tensor | None
+    dweight_S: torch.Tensor | None
+
+    def block(self, e0: int, e1: int, r0: int, r1: int) -> "_ExpertGrads":
+        return _ExpertGrads(
+            self.dx_TD,
+            None if self.dgu_E2FD is None else self.dgu_E2FD[e0:e1],
+            None if self.ddown_EDF is None else self.ddown_EDF[e0:e1],
+            None if self.dweight_S is None else self.dweight_S[r0:r1],
+        )
+
+
+def _block_backward(dout_TD, x_TD, w_gate_up_B2FD, w_down_BDF, weight_S, token_S, counts, h_S2F, grads: _ExpertGrads) -> None:
+    """Backward of one block of experts (``B`` of them, ``S`` rows here), writing into ``grads``:
+    ``dx`` accumulated over the block's tokens, the block's weight gradients and combine-weight
+    gradients overwritten. ``h_S2F`` is the saved pre-activation; everything else is recomputed."""
+    offsets_B = _host_offsets(counts, x_TD.device)
+    dy_SD = dout_TD.index_select(0, token_S)
+    gate, up = h_S2F.chunk(2, dim=-1)
+    silu_gate = F.silu(gate)
+    act_SF = silu_gate * up  # unweighted activation
+    if grads.ddown_EDF is not None:
+        _expert_weight_grads(dy_SD, _apply_weight(act_SF, weight_S), counts, grads.ddown_EDF)
+    da_SF = F.grouped_mm(dy_SD, w_down_BDF, offs=offsets_B)
+    need_dweight = grads.dweight_S is not None
+    dh_S2F, dweight_S = weighted_swiglu_backward(h_S2F, weight_S, da_SF, need_dweight, silu_gate, act_SF)
+    if need_dweight:
+        grads.dweight_S.copy_(dweight_S)
+    if grads.dgu_E2FD is not None:
+        _expert_weight_grads(dh_S2F, x_TD.index_select(0, token_S), counts, grads.dgu_E2FD)
+    if grads.dx_TD is not None:
+        grads.dx_TD.index_add_(0, token_S, F.grouped_mm(dh_S2F, w_gate_up_B2FD, offs=offsets_B))
+
+
+def _apply_weight(act_SF: torch.Tensor, w_S: torch.Tensor) -> torch.Tensor:
+    """``act * w[:, None]`` with the weight applied in fp32, as in :func:`weighted_swiglu_forward`."""
+    return (act_SF.float() * w_S.unsqueeze(-1)).to(act_SF.dtype)
+
+
+def _host_offsets(counts: list[int], device: torch.device) -> torch.Tensor:
+    """int32 end offsets of consecutive row groups of sizes ``counts``."""
+    return torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=device)
+
+
+def _use_blocked_function(x_TD: torch.Tensor, w_gate_up_E2FD: torch.Tensor) -> bool:
+    """The CPU ``index_add_`` path in eager mode without dtype conversion (no autocast) runs as one
+    :class:`_BlockedExperts`; otherwise blocks of the ``grouped_linear`` custom op."""
+    return not torch.compiler.is_compiling() and _compute_dtype(x_TD) == x_TD.dtype == w_gate_up_E2FD.dtype
+
+
 def _experts_block(x_SD, weight_S, w_gate_up_E2FD, w_down_EDF, counts_E, dtype) -> torch.Tensor:
     """grouped matmul -> weighted SwiGLU -> grouped matmul for one block of experts."""
     offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
@@ -216,7 +363,9 @@ def experts_grouped_mm(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> to
     On GPUs: one gather, two grouped matmuls over all experts, one combine; no host synchronisation.
     On CPU: the same per block of consecutive experts whose activations fit in L2 (see
     :func:`expert_blocks`), so the memory-bound elementwise work runs on cache-resident data; the
-    group sizes are read on the host, which costs nothing there.
+    group sizes are read on the host, which costs nothing there. Without dtype conversion and outside
+    ``torch.compile`` the blocks run inside one :class:`_BlockedExperts`; otherwise (autocast, compile)
+    each block uses the ``grouped_linear`` custom op.
     """
     if _is_decode(x_TD, routing):
         if x_TD.device.type == "cpu" and routing.expert_TK.numel() <= DECODE_LOOP_MAX_SLOTS:
@@ -231,7 +380,11 @@ def experts_grouped_mm(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> to
         y_SD = grouped_linear(_weighted_swiglu(h_S2F, plan.weight_S), w_down_EDF.to(dtype), offsets_E)
         return _combine(y_SD, plan, x_TD.dtype)
     row_bytes = w_gate_up_E2FD.shape[1] * torch.empty((), dtype=dtype).element_size()
-    blocks = expert_blocks(routing.tokens_per_expert_E.tolist(), row_bytes)
+    counts = routing.tokens_per_expert_E.tolist()
+    blocks = expert_blocks(counts, row_bytes)
+    if _use_blocked_function(x_TD, w_gate_up_E2FD):
+        out_TD = _BlockedExperts.apply(x_TD, w_gate_up_E2FD, w_down_EDF, plan.weight_S, plan.token_S, counts, blocks)
+        return out_TD.to(x_TD.dtype)
     n_experts, n_rows = [b[0] for b in blocks], [b[1] for b in blocks]
     x_SD = _gather(x_TD, plan).to(dtype)  # one gather: its backward is one index_add_
     out_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.float32)
