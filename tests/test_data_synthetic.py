@@ -3,6 +3,7 @@
 import itertools
 import json
 import random
+import re
 
 import pytest
 
@@ -117,6 +118,22 @@ def test_checker_rejects_wrong_answers_and_steps():
     assert solve_question(q) == right
     with pytest.raises(CheckFailed):
         solve_question(q.replace("Let", "Set", 1))
+
+
+def test_checker_rejects_each_corrupted_field_of_a_step():
+    # a step: "x = l op r, l = a, r = b, a op b = v, x = v." -- corrupting any one field is caught
+    p = draw_problem(random.Random(2), 2, 23)
+    q, sol = split_document(document(p))
+    first, rest = sol.split("\n", 1)
+    fields = re.split(r"(\w+)", first)
+    check_document("Question: " + q + "\nAnswer:" + sol)
+    for i, field in enumerate(fields):
+        if not field.strip() or not field.strip().isalnum():
+            continue
+        other = str((int(field) + 1) % 23) if field.isdigit() else ("a" if field != "a" else "b")
+        bad = "".join(fields[:i] + [other] + fields[i + 1:])
+        with pytest.raises(CheckFailed):
+            check_document("Question: " + q + "\nAnswer:" + bad + "\n" + rest)
 
 
 def test_difficulty_equals_operations_and_all_are_needed():

@@ -1,10 +1,11 @@
 """End-to-end: evaluate trained tiny models on the synthetic tasks (slow: trains models).
 
 * ``trained_tiny_run`` (session fixture, configs/tiny.yaml): numbers are stable per seed, sampling is
-  reproducible per seed, and the trained model's answer-only task loss is far below an untrained one.
+  reproducible per seed, the trained model's answer-only task loss is far below an untrained one, and
+  it scores far above chance on both synthetic tasks (greedy exact match).
 * A purpose-built small run (few facts, one-step modular sums, 128-token context) trained for 300 steps
-  recalls memorised facts far above chance. One-step reasoning stays at chance at this budget (it
-  needs far more steps), so for reasoning we check the learned answer format only.
+  recalls memorised facts far above chance. Reasoning needs more steps than that (the variable lookup
+  forms late), so for reasoning this run checks the learned answer format only.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import moelab
 from moelab.cli import main
@@ -41,9 +43,19 @@ def eval_json(run: Path, out: Path, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
+def test_tiny_run_scores_above_chance(trained_tiny_run, tmp_path):
+    r = eval_json(trained_tiny_run, tmp_path / "r.json", "--max-new-tokens", "128")["tasks"]
+    memo, reason = r["synthetic-memorization"]["metrics"], r["synthetic-reasoning"]["metrics"]
+    # memorisation: a uniform guess over an attribute's values is right ~3 % of the time
+    assert memo["exact_match"] >= 0.5, memo
+    # reasoning (configs/tiny.yaml: sums modulo 5, 1-2 steps): a uniform guess is right 1/modulus of the time
+    chance = 1 / yaml.safe_load((trained_tiny_run / "config.yaml").read_text())["data"]["synthetic"]["modulus"]
+    assert reason["exact_match/difficulty=1"] >= 3 * chance, reason
+    assert reason["exact_match"] >= 2 * chance, reason
+
+
 def test_tiny_run_numbers_stable_per_seed_and_learned(trained_tiny_run, tmp_path):
-    # configs/tiny.yaml has a 64-token context: short generations only
-    common = ["--limit", "30", "--max-new-tokens", "8"]
+    common = ["--limit", "30", "--max-new-tokens", "8"]  # short generations: this test is about stability
     a = eval_json(trained_tiny_run, tmp_path / "a.json", *common)
     b = eval_json(trained_tiny_run, tmp_path / "b.json", *common, "--batch-size", "7")
     assert_same(a["tasks"], b["tasks"])
@@ -86,8 +98,8 @@ def test_small_trained_model_recalls_facts_above_chance(tmp_path):
 
     run = tmp_path / "run"
     train_mod.train(run_config_from_dict(SMALL_RUN), run, quiet=True)
-    r = eval_json(run, tmp_path / "r.json", "--max-new-tokens", "40", "--log-samples")
-    again = eval_json(run, tmp_path / "r2.json", "--max-new-tokens", "40", "--batch-size", "5")
+    r = eval_json(run, tmp_path / "r.json", "--max-new-tokens", "64", "--log-samples")
+    again = eval_json(run, tmp_path / "r2.json", "--max-new-tokens", "64", "--batch-size", "5")
     assert_same(again["tasks"], r["tasks"])
 
     chance = sum(1 / len(ATTRIBUTES[a]["values"]) for a in ("birth_year", "birth_city")) / 2  # uniform guess: 3 %

@@ -9,9 +9,16 @@ all ``n_ops`` operations are needed: *difficulty = number of operations*. All ar
 Rendering (one document)::
 
     Question: Work modulo 23. Let q = 5. Let f = 17. Let k = q + f. Let z = k * q. What is z?
-    Answer: k = q + f = 5 + 17 = 22.
-    z = k * q = 22 * 5 = 18.
+    Answer: k = q + f, q = 5, f = 17, 5 + 17 = 22, k = 22.
+    z = k * q, k = 22, q = 5, 22 * 5 = 18, z = 18.
     #### 18
+
+Each solution step restates the definition, looks every operand up as ``name = value`` -- the same
+pattern as the ``Let name = value.`` that defined it, so a lookup is a copy of what followed
+``name =`` earlier in the context -- computes, and states the result as ``name = value`` for later
+steps to look up. (Writing ``k = q + f = 5 + 17 = 22`` instead, the values sit 8 tokens after their
+names: small models then learn this long-range lookup only after a late and seed-dependent phase
+change, and stay at chance on reasoning for thousands of steps.)
 
 The eval prompt is everything up to and including ``"Answer:"``; the reference solution is the rest
 (starting with a space); the answer is the text after ``"#### "``.
@@ -109,7 +116,10 @@ def question_text(p: Problem) -> str:
 def solution_text(p: Problem) -> str:
     """Step-by-step solution followed by ``\\n#### <answer>``; begins with a space (it follows ``Answer:``)."""
     env = values(p)
-    lines = [f"{n} = {l} {op} {r} = {env[l]} {op} {env[r]} = {env[n]}." for n, l, op, r in p.steps]
+    lines = [
+        f"{n} = {l} {op} {r}, {l} = {env[l]}, {r} = {env[r]}, {env[l]} {op} {env[r]} = {env[n]}, {n} = {env[n]}."
+        for n, l, op, r in p.steps
+    ]
     return " " + "\n".join(lines) + f"\n#### {env[p.target]}"
 
 

@@ -13,7 +13,9 @@ _MODULUS = re.compile(r"^Work modulo (\d+)\.$")
 _GIVEN = re.compile(r"^Let ([a-z]) = (\d+)\.$")
 _DERIVED = re.compile(r"^Let ([a-z]) = ([a-z]) ([-+*]) ([a-z])\.$")
 _QUERY = re.compile(r"^What is ([a-z])\?$")
-_STEP = re.compile(r"^([a-z]) = ([a-z]) ([-+*]) ([a-z]) = (\d+) ([-+*]) (\d+) = (\d+)\.$")
+_STEP = re.compile(
+    r"^([a-z]) = ([a-z]) ([-+*]) ([a-z]), ([a-z]) = (\d+), ([a-z]) = (\d+), (\d+) ([-+*]) (\d+) = (\d+), ([a-z]) = (\d+)\.$"
+)
 _FINAL = re.compile(r"^#### (\d+)$")
 
 
@@ -75,8 +77,8 @@ def split_document(doc: str) -> tuple[str, str]:
 def check_document(doc: str) -> int:
     """Verify every solution step and the final ``#### n`` line of a full document; return the answer.
 
-    Each step line must re-state a derived variable with the operand values the question implies and
-    the correct result; the final line must equal :func:`solve_question`.
+    Each step line must restate a derived variable's definition, look its operands up with the values
+    the question implies, and give the correct result; the final line must equal :func:`solve_question`.
     """
     question, solution = split_document(doc)
     expected = solve_question(question)
@@ -94,12 +96,14 @@ def check_document(doc: str) -> int:
         st = _STEP.match(line)
         if not st:
             raise CheckFailed(f"unparsable step {line!r}")
-        name, left, op, right, a, op2, b, result = st.groups()
+        name, left, op, right, left2, a, right2, b, a2, op2, b2, result, name2, result2 = st.groups()
         if definitions.get(name) != (left, op, right):
             raise CheckFailed(f"step {line!r} does not match the question's definition of {name}")
-        if op != op2 or env.get(left) != int(a) or env.get(right) != int(b):
+        if (left2, right2, name2) != (left, right, name) or op2 != op:
+            raise CheckFailed(f"step {line!r} looks up or states the wrong variables")
+        if env.get(left) != int(a) or env.get(right) != int(b) or (a2, b2) != (a, b):
             raise CheckFailed(f"step {line!r} misquotes its operands")
-        if _combine(op, int(a), int(b), modulus) != int(result):
+        if _combine(op, int(a), int(b), modulus) != int(result) or result2 != result:
             raise CheckFailed(f"step {line!r} is arithmetically wrong mod {modulus}")
         env[name] = int(result)
     if len(lines) - 1 != len(definitions):
