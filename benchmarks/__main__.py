@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         payload["parts"]["generate"] = gen
         for row in gen["results"]:
             target = row["batch_size"] >= 16
-            summary.append([f"generate batch {row['batch_size']}", f"{row['ratio']:.2f}x transformers",
+            summary.append([f"generate {row['model']} batch {row['batch_size']}", f"{row['ratio']:.2f}x transformers",
                             ">= 2x" if target else "-", ("yes" if row["ratio"] >= 2 else "NO") if target else "-"])
     payload["summary"] = summary
     payload["seconds"] = time.time() - start

@@ -18,19 +18,29 @@ from typing import Callable
 import torch
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 2, min_seconds: float = 0.0) -> dict[str, float]:
-    """Median seconds per call of each function, measured round-robin."""
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 2, min_seconds: float = 0.0, number: int = 1
+) -> dict[str, float]:
+    """Median seconds per call of each function, measured round-robin.
+
+    Each sample times ``number`` back-to-back calls (use > 1 for calls of ~100 us, whose single
+    timings are dominated by timer and scheduling noise). The order rotates every round, so no
+    function always runs right after the same other one (cache state, frequency ramps).
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     r = 0
     while r < rounds or time.perf_counter() - start < min_seconds:
-        for name, fn in fns.items():
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            fn = fns[name]
             t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            for _ in range(number):
+                fn()
+            times[name].append((time.perf_counter() - t0) / number)
         r += 1
     return {name: statistics.median(ts) for name, ts in times.items()}
 

@@ -1,15 +1,24 @@
 """Greedy generation throughput: moelab's batched KV-cache decoder vs transformers' ``generate``.
 
-One model of a realistic small shape is built, exported with ``moelab.export_hf`` and loaded as
+For each model in ``--models`` a moelab model is built, exported with ``moelab.export_hf`` and loaded as
 ``MixtralForCausalLM`` (fp32, CPU, transformers' default attention / experts implementations), so both
-sides run the same weights. For each batch size the same random prompts (``--prompt-len`` tokens each)
+sides run the same weights. Models:
+
+* ``vocab32k`` -- d 256, 4 layers, E 8, k 2, d_expert 512, a 32 000-token vocabulary (shape flags below):
+  a 16 x 256 x 32 000 LM head per step that both implementations pay identically;
+* ``tiny``, ``small`` -- the model sections of ``configs/tiny.yaml`` / ``configs/small.yaml`` (byte
+  vocabulary), the models the default synthetic study trains and evaluates;
+* ``small-e64`` -- ``small`` with E 64, k 8 (a sparse model of the study's grid at that width).
+
+For each batch size the same random prompts (``--prompt-len`` tokens each)
 are decoded greedily for exactly ``--new-tokens`` tokens (moelab: ``stop_at_eos=False``; transformers:
 ``min_new_tokens = max_new_tokens``, ``do_sample=False``). Times are medians over interleaved rounds
 (:func:`benchmarks.common.interleaved_medians`), so machine drift hits both columns alike. Reported:
 generated tokens per second (batch x new tokens / wall time, prefill included) and the ratio, plus the
 fraction of generated tokens on which the two implementations agree (fp32 noise can flip near-ties).
 
-    python -m benchmarks.generate [--batch-sizes 1,16] [--new-tokens 128] [--vocab 32000] [--threads N] [--json out.json]
+    python -m benchmarks.generate [--models vocab32k,tiny,small,small-e64] [--batch-sizes 1,16] [--new-tokens 128]
+                                  [--vocab 32000] [--threads N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import argparse
 import random
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -27,10 +37,29 @@ from moelab.eval.generate import generate
 from .common import interleaved_medians, machine_info, print_table, write_json
 
 
-def build(args):
+MODELS = ("vocab32k", "tiny", "small", "small-e64")
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def model_fields(name: str, args) -> dict:
+    """ModelConfig fields of a benchmark model (see the module docstring)."""
+    if name == "vocab32k":
+        return dict(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
+                    d_expert=args.d_expert, n_experts=args.n_experts, top_k=args.top_k)
+    preset, _, variant = name.partition("-")
+    if preset not in ("tiny", "small") or variant not in ("", "e64"):
+        raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    from moelab.config import read_mapping
+
+    fields = dict(read_mapping(CONFIGS / f"{preset}.yaml")["model"])
+    if variant == "e64":
+        fields.update(n_experts=64, top_k=8)
+    return fields
+
+
+def build(fields: dict, args):
     cfg = moelab.ModelConfig(
-        vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
-        d_expert=args.d_expert, n_experts=args.n_experts, top_k=args.top_k, max_seq_len=args.prompt_len + args.new_tokens + 64,
+        **{**fields, "max_seq_len": args.prompt_len + args.new_tokens + 64},
         init_std=0.1,  # peaked logits: greedy paths stay comparable between implementations
     )
     model = moelab.build(cfg, seed=0).eval()
@@ -42,30 +71,16 @@ def build(args):
     return model, hf
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch-sizes", default="1,16")
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--n-layers", type=int, default=4)
-    p.add_argument("--n-heads", type=int, default=4)
-    p.add_argument("--d-expert", type=int, default=512)
-    p.add_argument("--n-experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
+def bench_model(name: str, args, rows: list[list[str]]) -> list[dict]:
+    """Time both implementations on one model for every batch size; append table rows, return results."""
     torch.manual_seed(0)
-    model, hf = build(args)
-    tok = ByteTokenizer()  # prompts are printable bytes; the model's larger vocabulary is still scored
+    fields = model_fields(name, args)
+    model, hf = build(fields, args)
+    c = model.config
+    shape = f"d={c.d_model} L={c.n_layers} E={c.n_experts} k={c.top_k} F={c.d_expert} V={c.vocab_size}"
+    tok = ByteTokenizer()  # prompts are printable bytes; a larger vocabulary is still scored in full
     rng = random.Random(0)
-    rows, results = [], []
+    results = []
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         prompts = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(args.prompt_len)) for _ in range(bs)]
         ids = torch.tensor([tok.encode(s) for s in prompts])
@@ -86,12 +101,37 @@ def main(argv: list[str] | None = None) -> dict:
         agree = sum(a == b for x, y in zip(ours, theirs) for a, b in zip(x, y)) / (bs * n)
         t = interleaved_medians({"moelab": run_moelab, "transformers": run_hf}, rounds=args.rounds, warmup=0)
         ours_tps, hf_tps = bs * n / t["moelab"], bs * n / t["transformers"]
-        results.append({"batch_size": bs, "new_tokens": n, "moelab_tokens_per_s": ours_tps,
+        results.append({"model": name, "shape": shape, "batch_size": bs, "new_tokens": n, "moelab_tokens_per_s": ours_tps,
                         "transformers_tokens_per_s": hf_tps, "ratio": ours_tps / hf_tps, "token_agreement": agree})
-        rows.append([str(bs), f"{ours_tps:,.0f}", f"{hf_tps:,.0f}", f"{ours_tps / hf_tps:.2f}x", f"{agree:.3f}"])
-    shape = f"d={args.d_model} L={args.n_layers} E={args.n_experts} k={args.top_k} d_expert={args.d_expert} V={args.vocab}"
-    print_table(f"greedy generation, {args.new_tokens} new tokens, prompt {args.prompt_len}, fp32 CPU, {shape}",
-                ["batch", "moelab tok/s", "transformers tok/s", "moelab / transformers", "same tokens"], rows)
+        rows.append([name, shape, str(bs), f"{ours_tps:,.0f}", f"{hf_tps:,.0f}", f"{ours_tps / hf_tps:.2f}x", f"{agree:.3f}"])
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS}")
+    p.add_argument("--batch-sizes", default="1,16")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=32000, help="vocab32k model: vocabulary (and the shape flags below)")
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--d-expert", type=int, default=512)
+    p.add_argument("--n-experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    rows, results = [], []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        results += bench_model(name, args, rows)
+    print_table(f"greedy generation, {args.new_tokens} new tokens, prompt {args.prompt_len}, fp32 CPU, tokens/s (prefill included)",
+                ["model", "shape", "batch", "moelab tok/s", "transformers tok/s", "moelab / transformers", "same tokens"], rows)
     payload = {"machine": machine_info(), "args": vars(args), "results": results}
     if args.json:
         write_json(args.json, payload)

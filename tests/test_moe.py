@@ -297,3 +297,23 @@ def test_blocked_function_bf16_weights():
         torch.testing.assert_close(got.float(), ref, rtol=0.02, atol=0.02 * scale, msg=name)
     out, _ = moe(x.requires_grad_(True))
     assert type(out.grad_fn.next_functions[0][0]).__name__ == "_BlockedExpertsBackward"
+
+
+def test_decode_under_bf16_autocast_keeps_input_dtype():
+    """The per-slot decode path computes in the autocast dtype and returns the input's dtype."""
+    moe = make_moe(8, 2, backend="grouped_mm")
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        ref, _ = moe(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, aux = moe(x, with_losses=False)
+    assert y.dtype == torch.float32 and aux.tokens_per_expert_E is None
+    assert (y - ref).abs().max() <= 0.03 * ref.abs().max()  # bf16 arithmetic: ~3 significant digits
+
+
+def test_routing_counts_are_lazy_and_exact():
+    x = torch.randn(50, 16)
+    r = route(x, torch.randn(8, 16), 2, True)
+    assert r._tokens_per_expert_E is None
+    assert torch.equal(r.tokens_per_expert_E, torch.bincount(r.expert_TK.flatten(), minlength=8))
+    assert r.tokens_per_expert_E.sum() == 100

@@ -59,7 +59,15 @@ class Routing:
     probs_TE: torch.Tensor  # fp32 softmax over all experts
     expert_TK: torch.Tensor  # int64 chosen experts, descending probability
     weight_TK: torch.Tensor  # fp32 combine weights (renormalised if norm_topk_prob)
-    tokens_per_expert_E: torch.Tensor  # int64 routing slots per expert (sums to T * K)
+    _tokens_per_expert_E: torch.Tensor | None = None
+
+    @property
+    def tokens_per_expert_E(self) -> torch.Tensor:
+        """int64 routing slots per expert (sums to ``T * K``); counted on first use (decoding one
+        token at a time through a handful of experts never needs it)."""
+        if self._tokens_per_expert_E is None:
+            self._tokens_per_expert_E = torch.bincount(self.expert_TK.reshape(-1), minlength=self.probs_TE.shape[1])
+        return self._tokens_per_expert_E
 
 
 def route(x_TD: torch.Tensor, w_router_ED: torch.Tensor, top_k: int, norm_topk_prob: bool) -> Routing:
@@ -69,9 +77,7 @@ def route(x_TD: torch.Tensor, w_router_ED: torch.Tensor, top_k: int, norm_topk_p
     weight_TK, expert_TK = torch.topk(probs_TE, top_k, dim=-1)
     if norm_topk_prob:
         weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
-    n_experts = w_router_ED.shape[0]
-    tokens_per_expert_E = torch.bincount(expert_TK.reshape(-1), minlength=n_experts)
-    return Routing(logits_TE, probs_TE, expert_TK, weight_TK, tokens_per_expert_E)
+    return Routing(logits_TE, probs_TE, expert_TK, weight_TK)
 
 
 def _swiglu(h_S2F: torch.Tensor) -> torch.Tensor:
@@ -345,16 +351,21 @@ DECODE_LOOP_MAX_SLOTS = 8  # CPU decode: up to this many slots, one matmul pair 
 def experts_per_slot(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.Tensor:
     """Decode path for a handful of slots on CPU: each slot's expert on its token, reading the
     expert's weights in place (no gather copy, no sort) -- the work of computing the selected
-    experts one by one, in the fewest kernels."""
-    dtype = _compute_dtype(x_TD)
-    n_tokens, top_k = routing.expert_TK.shape
-    out_TD = torch.zeros(n_tokens, x_TD.shape[1], dtype=torch.float32, device=x_TD.device)
-    for t, experts in enumerate(routing.expert_TK.tolist()):
-        x_1D = x_TD[t : t + 1].to(dtype)
+    experts one by one, in the fewest kernels (called without autograd)."""
+    dtype, out_dtype = _compute_dtype(x_TD), x_TD.dtype
+    x_TD_c = x_TD.to(dtype)
+    w_gate_up, w_down = w_gate_up_E2FD.to(dtype), w_down_EDF.to(dtype)
+    rows = []
+    for t, (experts, weight_K) in enumerate(zip(routing.expert_TK.tolist(), routing.weight_TK.unbind(0))):
+        x_1D, acc_1D = x_TD_c[t : t + 1], None
         for j, e in enumerate(experts):
-            a_1F = _weighted_swiglu(F.linear(x_1D, w_gate_up_E2FD[e].to(dtype)), routing.weight_TK[t, j : j + 1])
-            out_TD[t] += F.linear(a_1F, w_down_EDF[e].to(dtype))[0].float()
-    return out_TD.to(x_TD.dtype)
+            a_1F = weighted_swiglu_forward(F.linear(x_1D, w_gate_up[e]), weight_K[j : j + 1])
+            y_1D = F.linear(a_1F, w_down[e]).float()
+            acc_1D = y_1D if acc_1D is None else acc_1D.add_(y_1D)
+        rows.append(acc_1D)
+    if not rows:
+        return x_TD.new_zeros(x_TD.shape)
+    return (torch.cat(rows) if len(rows) > 1 else rows[0]).to(out_dtype)
 
 
 def experts_grouped_mm(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.Tensor:
@@ -439,11 +450,12 @@ def _experts_fn(backend: str):
 
 @dataclass
 class MoEAux:
-    """Per-layer auxiliary outputs: weighted losses and routing statistics (no gradient in stats)."""
+    """Per-layer auxiliary outputs: weighted losses and routing statistics (no gradient in stats).
+    ``tokens_per_expert_E`` is None when the layer ran without losses (decoding)."""
 
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
-    tokens_per_expert_E: torch.Tensor
+    tokens_per_expert_E: torch.Tensor | None
 
 
 class MoE(nn.Module):
@@ -480,7 +492,7 @@ class MoE(nn.Module):
         y_TD = self._experts(x_TD, self.w_gate_up, self.w_down, routing)
         if not with_losses:
             zero = x_TD.new_zeros((), dtype=torch.float32)
-            return y_TD, MoEAux(zero, zero, routing.tokens_per_expert_E.detach())
+            return y_TD, MoEAux(zero, zero, None)
         aux = MoEAux(
             aux_loss=load_balancing_loss(routing.probs_TE, routing.tokens_per_expert_E, self.top_k, self.aux_coef),
             z_loss=router_z_loss(routing.logits_TE, self.z_coef),

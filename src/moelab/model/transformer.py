@@ -143,7 +143,7 @@ class ModelOutput:
     logits: torch.Tensor
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
-    tokens_per_expert: list[torch.Tensor] = field(default_factory=list)
+    tokens_per_expert: list[torch.Tensor] = field(default_factory=list)  # per layer; empty when decoding
     ce_loss: torch.Tensor | None = None
     loss: torch.Tensor | None = None
 
@@ -238,7 +238,8 @@ class MoELM(nn.Module):
             x_BTD, aux = block(x_BTD, cos, sin, cache, i, mask_BTS, with_losses)
             aux_sum = aux_sum + aux.aux_loss
             z_sum = z_sum + aux.z_loss
-            counts.append(aux.tokens_per_expert_E)
+            if aux.tokens_per_expert_E is not None:
+                counts.append(aux.tokens_per_expert_E)
         if cache is not None:
             cache.length = start + T
         x_BTD = self.norm(x_BTD)
