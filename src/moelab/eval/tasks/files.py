@@ -77,8 +77,10 @@ def _validated(
     located: Iterable[tuple[str, Any]],
     required_fields: Sequence[str],
     check: RecordCheck | None,
+    if_empty: str,
 ) -> list[dict[str, Any]]:
-    """The records of ``(location, record)`` pairs as dicts, after the field and ``check`` tests."""
+    """The records of ``(location, record)`` pairs as dicts, after the field and ``check`` tests;
+    no records at all is the :class:`DataError` ``if_empty``."""
     records: list[dict[str, Any]] = []
     for where, record in located:
         if not isinstance(record, Mapping):
@@ -93,6 +95,8 @@ def _validated(
         if problem:
             raise DataError(f"{where}: {problem}")
         records.append(record)
+    if not records:
+        raise DataError(if_empty)
     return records
 
 
@@ -113,10 +117,8 @@ def read_jsonl(
             f"data file not found: {path.resolve()}; put it there, or set {DATA_ENV} / pass data_dir "
             "pointing at the folder that holds it"
         )
-    records = _validated(((f"{path}:{lineno}", record) for lineno, record in iter_jsonl(path)), required_fields, check)
-    if not records:
-        raise DataError(f"{path} holds no records; it must contain one JSON object per line")
-    return records
+    located = ((f"{path}:{lineno}", record) for lineno, record in iter_jsonl(path))
+    return _validated(located, required_fields, check, f"{path} holds no records; it must contain one JSON object per line")
 
 
 def read_hub(
@@ -148,10 +150,8 @@ def read_hub(
             f"cannot load {where} ({type(e).__name__}: {detail}); connect to the Hugging Face Hub "
             "(and unset HF_DATASETS_OFFLINE), or use local JSON Lines files: --source local --data-dir DIR"
         ) from None
-    records = _validated(((f"{where}:{row}", record) for row, record in enumerate(rows)), required_fields, check)
-    if not records:
-        raise DataError(f"{where} holds no records; check the dataset split or use local files (--source local)")
-    return records
+    located = ((f"{where}:{row}", record) for row, record in enumerate(rows))
+    return _validated(located, required_fields, check, f"{where} holds no records; check the dataset split or use local files (--source local)")
 
 
 def read_split(
