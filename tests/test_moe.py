@@ -317,3 +317,21 @@ def test_routing_counts_are_lazy_and_exact():
     assert r._tokens_per_expert_E is None
     assert torch.equal(r.tokens_per_expert_E, torch.bincount(r.expert_TK.flatten(), minlength=8))
     assert r.tokens_per_expert_E.sum() == 100
+
+
+@pytest.mark.parametrize("T", [3, 16])
+def test_decode_per_slot_for_wide_experts_matches_naive(T):
+    """With large experts (> DECODE_GATHER_MAX_BYTES each) up to 64 decode slots run per slot."""
+    from moelab.model.moe import _is_decode, _use_per_slot
+
+    moe = make_moe(64, 4, D=64, Fh=1024, backend="grouped_mm")
+    x = torch.randn(T, 64)
+    with torch.no_grad():
+        r = route(x, moe.router.weight, 4, moe.norm_topk_prob)
+        assert _is_decode(x, r) and _use_per_slot(x, moe.w_gate_up, r) and r.expert_TK.numel() > 8
+        y, _ = moe(x)
+        moe.set_backend("naive")
+        ref, _ = moe(x)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())  # fp32 sums of 1024 terms
+    narrow = make_moe(64, 4, backend="grouped_mm")
+    assert not _use_per_slot(x[:, :16], narrow.w_gate_up, route(x[:, :16], narrow.router.weight, 4, True))

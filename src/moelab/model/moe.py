@@ -23,8 +23,9 @@ Dispatch backends (selected by ``ModelConfig.moe_backend``), all numerically equ
   (``_BlockedExperts``) whose backward writes the expert weight gradients in place.
   Without autograd and with at most ``E`` slots (decoding) it gathers the selected experts' weights
   and runs two batched matmuls instead (``experts_gathered``): no sort, no per-expert groups; on CPU
-  up to ``DECODE_LOOP_MAX_SLOTS`` slots run one matmul pair each on the weights in place
-  (``experts_per_slot``), which avoids copying weights.
+  up to ``DECODE_LOOP_MAX_SLOTS`` slots (more when an expert's weights are large, see
+  :func:`_use_per_slot`) run one matmul pair each on the weights in place (``experts_per_slot``),
+  which avoids copying weights.
 * ``loop`` -- the same sort, then a Python loop of plain matmuls over per-expert slices (works on any
   torch; synchronises once to read the group sizes).
 * ``naive`` -- the reference for tests: every expert on every token, weighted by a dense ``[T, E]``
@@ -345,7 +346,18 @@ def _experts_block(x_SD, weight_S, w_gate_up_E2FD, w_down_EDF, counts_E, dtype) 
     return grouped_linear(_weighted_swiglu(h_S2F, weight_S), w_down_EDF.to(dtype), offsets_E)
 
 
-DECODE_LOOP_MAX_SLOTS = 8  # CPU decode: up to this many slots, one matmul pair per slot on weight views
+DECODE_LOOP_MAX_SLOTS = 8  # CPU decode: up to this many slots, one matmul pair per slot on weight views ...
+DECODE_LOOP_MAX_SLOTS_WIDE = 64  # ... or this many when one expert's weights exceed DECODE_GATHER_MAX_BYTES,
+DECODE_GATHER_MAX_BYTES = 1 << 18  # since copying them costs more than a matmul call's overhead (tuned)
+
+
+def _use_per_slot(x_TD: torch.Tensor, w_gate_up_E2FD: torch.Tensor, routing: Routing) -> bool:
+    """CPU decode: per-slot matmuls on weight views, or (False) gathered weights in two ``bmm``."""
+    if x_TD.device.type != "cpu":
+        return False
+    n_slots = routing.expert_TK.numel()
+    expert_bytes = 3 * w_gate_up_E2FD[0].numel() // 2 * w_gate_up_E2FD.element_size()
+    return n_slots <= DECODE_LOOP_MAX_SLOTS or (n_slots <= DECODE_LOOP_MAX_SLOTS_WIDE and expert_bytes > DECODE_GATHER_MAX_BYTES)
 
 
 def experts_per_slot(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.Tensor:
@@ -379,7 +391,7 @@ def experts_grouped_mm(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> to
     each block uses the ``grouped_linear`` custom op.
     """
     if _is_decode(x_TD, routing):
-        if x_TD.device.type == "cpu" and routing.expert_TK.numel() <= DECODE_LOOP_MAX_SLOTS:
+        if _use_per_slot(x_TD, w_gate_up_E2FD, routing):
             return experts_per_slot(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
         return experts_gathered(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
     dtype = _compute_dtype(x_TD)
