@@ -91,3 +91,10 @@ def test_console_script_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "moelab", "count", "--top-k", "0"], capture_output=True, text=True)
     assert proc.returncode == 1
     assert "error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_usage_errors_are_one_line_not_tracebacks(capsys):
+    for argv in (["count", "--bogus"], ["train", "configs/tiny.yaml", "--no-such-flag"], ["eval"]):
+        rc, _, err = run(capsys, *argv)
+        assert rc == 2 and "Traceback" not in err, err
+        assert "No such option" in err or "Missing argument" in err

@@ -177,6 +177,23 @@ def _copy_tokenizer(src: Path, out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:
+    """``click.exceptions.<name>`` and, for typer versions that vendor click, typer's own copy."""
+    found = [getattr(click.exceptions, name)]
+    try:
+        from typer._click import exceptions as vendored  # typer >= 0.2x parses with a vendored click
+    except ImportError:
+        vendored = None
+    if vendored is not None and hasattr(vendored, name):
+        found.append(getattr(vendored, name))
+    return tuple(found)
+
+
+_EXIT = (*_click_exceptions("Exit"), typer.Exit)
+_USAGE_ERRORS = _click_exceptions("ClickException")
+_ABORT = (*_click_exceptions("Abort"), typer.Abort)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turn user errors into one line and a non-zero exit status."""
     _mount_subcommands()
@@ -185,12 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     except MoelabError as e:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 1
-    except click.exceptions.Exit as e:
+    except _EXIT as e:
         return e.exit_code
-    except click.ClickException as e:
+    except _USAGE_ERRORS as e:  # unknown option, missing argument, bad value: click's one-line message
         e.show()
         return e.exit_code
-    except click.exceptions.Abort:
+    except _ABORT:
         err_console.print("aborted")
         return 130
     except KeyboardInterrupt:
