@@ -16,7 +16,7 @@ from moelab.cli import main
 from moelab.data.config import DataConfig, SyntheticConfig
 from moelab.data.tokenizer import ByteTokenizer
 from moelab.errors import ConfigError, DataError
-from moelab.eval.loglikelihood import answer_loglikelihood, encode_pair, loglikelihood, loglikelihood_rolling, rolling_windows, score_tokens
+from moelab.eval.loglikelihood import encode_pair, loglikelihood, loglikelihood_rolling, rolling_windows, score_tokens
 from moelab.eval.runner import evaluate
 from moelab.eval.tasks import get_task
 
@@ -130,7 +130,7 @@ def test_answer_longer_than_context_is_scored_in_chunks():
     ctx, answer = "Question: long?\nAnswer:", " " + "step by step, " * 3  # 43 answer tokens > 16
     with pytest.raises(ConfigError, match="exceeds the model context of 16 tokens"):
         loglikelihood(model, TOK, [(ctx, answer)])
-    (s,) = answer_loglikelihood(model, TOK, [(ctx, answer)])
+    (s,) = loglikelihood(model, TOK, [(ctx, answer)], chunk_long_continuations=True)
     c, k = encode_pair(TOK, ctx, answer)
     expected = 0.0
     for start in range(0, len(k), 16):  # each chunk conditioned on the 16 tokens before its last one
@@ -140,7 +140,7 @@ def test_answer_longer_than_context_is_scored_in_chunks():
     assert s.n_tokens == len(k) and s.logprob == pytest.approx(expected, abs=1e-3)
     # short answers: identical to loglikelihood
     pairs = [("Q:", " a"), ("Hello", " there")]
-    assert [x.logprob for x in answer_loglikelihood(model, TOK, pairs)] == pytest.approx([x.logprob for x in loglikelihood(model, TOK, pairs)])
+    assert [x.logprob for x in loglikelihood(model, TOK, pairs, chunk_long_continuations=True)] == pytest.approx([x.logprob for x in loglikelihood(model, TOK, pairs)])
 
 
 def test_rolling_windows_cover_every_token_once():

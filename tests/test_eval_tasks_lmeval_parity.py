@@ -22,30 +22,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed; parity tests need it")
 lm_eval_tasks = pytest.importorskip("lm_eval.tasks", reason="lm_eval.tasks is not importable")
-yaml = pytest.importorskip("yaml")
 
 from moelab.eval.tasks import get_task  # noqa: E402
+from lm_eval_local import write_local_task  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MOELAB_DATA") or REPO.parent / "shared" / "data")
-LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"
 N_DOCS = 20
 
 
 def _lm_eval_task(tmp: Path, yaml_rel: str, name: str, data_files: dict[str, str], **overrides):
     """lm-eval's task from its own YAML (via ``include``), reading ``data_files`` instead of the hub."""
-    folder = tmp / name
-    folder.mkdir()
-    config = {
-        "include": str(LM_EVAL_TASKS / yaml_rel),
-        "task": name,
-        "tag": [],
-        "dataset_path": "json",
-        "dataset_name": None,
-        "dataset_kwargs": {"data_files": data_files, "cache_dir": str(tmp / "hf_cache")},
-        **overrides,
-    }
-    (folder / f"{name}.yaml").write_text(yaml.safe_dump(config))
+    folder = write_local_task(tmp, yaml_rel, name, data_files, **overrides)
     manager = lm_eval_tasks.TaskManager(include_path=str(folder), include_defaults=False)
     task = manager.load([name])["tasks"][name]
     task.set_fewshot_seed(1234)

@@ -20,7 +20,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'moelab[eval]')")
 pytest.importorskip("lm_eval.tasks")
-yaml = pytest.importorskip("yaml")
 
 import lm_eval.tasks  # noqa: E402
 
@@ -31,8 +30,8 @@ from moelab.data.tokenizer import ByteTokenizer  # noqa: E402
 from moelab.eval.generate import generate  # noqa: E402
 from moelab.eval.metrics import flexible_extract  # noqa: E402
 from moelab.eval.tasks import get_task  # noqa: E402
+from lm_eval_local import write_local_task  # noqa: E402
 
-LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"
 SHOTS = 2
 N_DOCS = 6
 MAX_NEW = 12
@@ -60,21 +59,6 @@ def write_jsonl(path: Path, records) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 
-
-def lm_eval_task_dir(tmp: Path, yaml_rel: str, name: str, data_files: dict[str, str], **overrides) -> Path:
-    folder = tmp / f"lm_{name}"
-    folder.mkdir()
-    config = {
-        "include": str(LM_EVAL_TASKS / yaml_rel),
-        "task": name,
-        "tag": [],
-        "dataset_path": "json",
-        "dataset_name": None,
-        "dataset_kwargs": {"data_files": data_files, "cache_dir": str(tmp / "hf_cache")},
-        **overrides,
-    }
-    (folder / f"{name}.yaml").write_text(yaml.safe_dump(config))
-    return folder
 
 
 def run_lm_eval(ckpt: Path, task_dir: Path, name: str) -> dict:
@@ -118,7 +102,7 @@ def test_gsm8k_generations_and_exact_match_agree(checkpoint, tmp_path):
     write_jsonl(data / "gsm8k" / "test.jsonl", test)
 
     ours, samples = run_moelab_eval(checkpoint, data, "gsm8k", tmp_path / "res.json")
-    task_dir = lm_eval_task_dir(tmp_path, "gsm8k/gsm8k.yaml", "local_gsm8k",
+    task_dir = write_local_task(tmp_path, "gsm8k/gsm8k.yaml", "local_gsm8k",
                                 {"train": str(data / "gsm8k" / "train.jsonl"), "test": str(data / "gsm8k" / "test.jsonl")},
                                 generation_kwargs={"until": ["Question:", "</s>", "<|im_end|>"], "do_sample": False,
                                                    "temperature": 0.0, "max_gen_toks": MAX_NEW})
@@ -142,7 +126,7 @@ def test_hellaswag_loglikelihoods_agree(checkpoint, tmp_path):
     write_jsonl(data / "hellaswag" / "validation.jsonl", records)
     write_jsonl(data / "hellaswag" / "train.jsonl", records[::-1])
     ours, samples = run_moelab_eval(checkpoint, data, "hellaswag", tmp_path / "res.json")
-    task_dir = lm_eval_task_dir(tmp_path, "hellaswag/hellaswag.yaml", "local_hellaswag",
+    task_dir = write_local_task(tmp_path, "hellaswag/hellaswag.yaml", "local_hellaswag",
                                 {"train": str(data / "hellaswag" / "train.jsonl"),
                                  "validation": str(data / "hellaswag" / "validation.jsonl")})
     theirs = run_lm_eval(checkpoint, task_dir, "local_hellaswag")

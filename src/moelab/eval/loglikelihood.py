@@ -144,37 +144,28 @@ def loglikelihood(
     batch_size: int = 16,
     max_length: int | None = None,
     progress: Callable[[int], None] | None = None,
+    chunk_long_continuations: bool = False,
 ) -> list[ContinuationScore]:
-    """``log p(continuation | context)`` for each ``(context, continuation)`` text pair (lm-eval semantics)."""
-    requests = [encode_pair(tokenizer, ctx, cont) for ctx, cont in pairs]
-    for (ctx, cont), (_, cont_ids) in zip(pairs, requests):
-        if not cont_ids:
-            raise ConfigError(f"continuation {cont!r} has no tokens after context {ctx[-40:]!r}; it cannot be scored")
-    return score_tokens(model, requests, batch_size=batch_size, max_length=max_length, progress=progress)
+    """``log p(continuation | context)`` for each ``(context, continuation)`` text pair (lm-eval semantics).
 
-
-def answer_loglikelihood(
-    model,
-    tokenizer,
-    pairs: Sequence[tuple[str, str]],
-    *,
-    batch_size: int = 16,
-    max_length: int | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> list[ContinuationScore]:
-    """Like :func:`loglikelihood`, but a continuation longer than the context window is scored in
-    consecutive chunks of ``max_length`` tokens, each conditioned on the (left-truncated) context and
-    the chunks before it; the scores are summed. For answer-only task loss on long gold answers."""
+    ``chunk_long_continuations``: a continuation longer than the context window (``max_length``) is
+    scored in consecutive chunks of ``max_length`` tokens, each conditioned on the (left-truncated)
+    context and the chunks before it, and the scores are summed -- for answer-only task loss on long
+    gold answers. Without it, a continuation must fit in the window, as in lm-eval.
+    """
     max_len = _max_length(model, max_length)
-    chunks, owner = [], []
+    requests, owner = [], []
     for p, (ctx_text, cont_text) in enumerate(pairs):
         ctx, cont = encode_pair(tokenizer, ctx_text, cont_text)
         if not cont:
             raise ConfigError(f"continuation {cont_text!r} has no tokens after context {ctx_text[-40:]!r}; it cannot be scored")
-        for start in range(0, len(cont), max_len):
-            chunks.append((ctx + cont[:start], cont[start : start + max_len]))
+        step = max_len if chunk_long_continuations else len(cont)
+        for start in range(0, len(cont), step):
+            requests.append((ctx + cont[:start], cont[start : start + step]))
             owner.append(p)
-    scores = score_tokens(model, chunks, batch_size=batch_size, max_length=max_len)
+    if len(requests) == len(pairs):  # one request per pair: the scores are the answer
+        return score_tokens(model, requests, batch_size=batch_size, max_length=max_len, progress=progress)
+    scores = score_tokens(model, requests, batch_size=batch_size, max_length=max_len)
     totals: list[list] = [[0.0, True, 0] for _ in pairs]
     for p, s in zip(owner, scores):
         totals[p][0] += s.logprob

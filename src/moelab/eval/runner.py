@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 from ..errors import ConfigError, DataError
 from ..io import atomic_write_text
 from .generate import check_sampling, generate
-from .loglikelihood import answer_loglikelihood, loglikelihood, move_trailing_whitespace
+from .loglikelihood import loglikelihood, move_trailing_whitespace
 from .metrics import default_ks, task_loss as to_task_loss, test_time_curve
 from .tasks import GenerationTask, MultipleChoiceTask, Task, get_task, list_tasks
 from .tasks.base import GROUP_KEY
@@ -230,7 +230,9 @@ def _run_multiple_choice(run: _TaskRun, model, tokenizer, s: EvalSettings, tick)
 def _run_task_loss(run: _TaskRun, model, tokenizer, prompts: list[str], s: EvalSettings, tick) -> None:
     answers = [run.task.answer_text(doc) for doc in run.docs]
     t0 = time.perf_counter()
-    run.answer_scores = answer_loglikelihood(model, tokenizer, list(zip(prompts, answers)), batch_size=s.batch_size, progress=tick)
+    run.answer_scores = loglikelihood(
+        model, tokenizer, list(zip(prompts, answers)), batch_size=s.batch_size, progress=tick, chunk_long_continuations=True
+    )
     run.answer_bytes = [len(move_trailing_whitespace(p, a)[1].encode("utf-8")) for p, a in zip(prompts, answers)]
     run.timings["task_loss_seconds"] = time.perf_counter() - t0
 
