@@ -7,7 +7,6 @@ the machine (thermal, other processes) affect all columns alike.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from moelab.io import atomic_write_json
 
 
 def interleaved_medians(
@@ -82,8 +83,6 @@ def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, p)
+    """Write ``payload`` as JSON atomically (creating the folder)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, payload)

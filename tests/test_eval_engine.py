@@ -374,3 +374,12 @@ def test_python_api_errors(model, data_dir):
         evaluate(model, TOK, ["gsm9k"], data_dir=data_dir)
     with pytest.raises(DataError, match="no test documents"):
         evaluate(model, TOK, ["synthetic-memorization"], synthetic=SynthNoMem())
+
+
+def test_api_path_with_a_tokenizer_object(data_dir, tmp_path, model):
+    """evaluate(path, tokenizer=<object>) uses that object (a checkpoint without a tokenizer file)."""
+    bare = tmp_path / "bare"
+    moelab.save(model, bare)
+    by_path = evaluate(bare, TOK, ["triviaqa"], shots=2, limit=4, max_new_tokens=6, data_dir=data_dir)
+    by_model = evaluate(model, TOK, ["triviaqa"], shots=2, limit=4, max_new_tokens=6, data_dir=data_dir)
+    assert by_path["tasks"] == by_model["tasks"]

@@ -313,3 +313,10 @@ def test_synthetic_reasoning_strict_answer_per_difficulty():
 def test_synthetic_docs_are_validated():
     with pytest.raises(DataError, match="doc 1 needs"):
         get_task("synthetic-reasoning", docs=[{"prompt": "p", "answer": "1"}, {"question": "q"}])
+
+
+def test_non_utf8_file_reports_path(gsm_dir):
+    path = gsm_dir / "gsm8k" / "test.jsonl"
+    path.write_bytes(b'{"question": "q", "answer": "#### 1"}\n{"question": "\xff\xfe", "answer": "#### 2"}\n')
+    with pytest.raises(DataError, match=rf"^{path}:\d+: not valid UTF-8"):
+        get_task("gsm8k", data_dir=gsm_dir).load_docs()

@@ -182,3 +182,13 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, ca
     assert ckpt is not None
     model = moelab.load(ckpt)
     assert all(math.isfinite(float(p.detach().abs().max())) for p in model.parameters())
+
+
+def test_cli_run_dir_with_a_corrupt_stored_config_is_a_clear_error(tmp_path, capsys):
+    cfg = write_config(tmp_path / "a.yaml", tiny_run_dict(5, warmup_steps=2, checkpoint_every=5, eval_every=5))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("- just\n- a list\n")
+    assert "expected a mapping" in _cli_error(capsys, "train", str(cfg), "--out", str(run))
+    (run / "config.yaml").write_text("model: [unclosed\n")
+    assert "not valid YAML" in _cli_error(capsys, "train", str(cfg), "--out", str(run))

@@ -139,6 +139,8 @@ def export_hf_cmd(
     """Export a moelab model as a Hugging Face Mixtral directory (transformers, vLLM, lm-eval)."""
     import moelab
 
+    if not (src / "config.json").is_file():  # a run directory: its newest good checkpoint, chosen once
+        src = Path(moelab._latest_run_checkpoint(src) or src)
     model = moelab.load(src)
     moelab.export_hf(model, out, max_shard_bytes=None if max_shard_mb is None else max_shard_mb * 2**20)
     _copy_tokenizer(src, out)
@@ -163,13 +165,8 @@ def import_hf_cmd(
 
 
 def _copy_tokenizer(src: Path, out: Path) -> None:
-    """Carry tokenizer files along so the converted checkpoint stays usable."""
+    """Carry tokenizer files of the checkpoint directory ``src`` along so the converted one stays usable."""
     import shutil
-
-    import moelab
-
-    if not (src / "config.json").is_file():  # a run directory: its newest good checkpoint
-        src = moelab._latest_run_checkpoint(src) or src
 
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "moelab_tokenizer.json"):
         if (src / name).is_file():

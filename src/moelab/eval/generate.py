@@ -209,9 +209,8 @@ def _decode_batch(
     out: list[list[int]] = [[] for _ in range(B)]
     reasons: list[str] = ["length"] * B
     rows = list(range(B))  # batch row index of each row still in the cache
-    rows_t = torch.arange(B, device=device)
     for step in range(max_new_tokens):
-        u_B = uniforms_RN[rows_t.cpu(), step] if uniforms_RN is not None else None
+        u_B = uniforms_RN[rows, step] if uniforms_RN is not None else None
         next_B = next_tokens(logits_BV, temperature, top_p, u_B)
         keep = []
         for j, token in enumerate(next_B.tolist()):
@@ -229,7 +228,7 @@ def _decode_batch(
         if len(keep) < len(rows):  # drop finished rows: they cost nothing from now on
             keep_t = torch.tensor(keep, device=device)
             cache.select(keep_t)
-            mask_BS, lengths_B, rows_t, next_B = mask_BS[keep_t], lengths_B[keep_t], rows_t[keep_t], next_B[keep_t]
+            mask_BS, lengths_B, next_B = mask_BS[keep_t], lengths_B[keep_t], next_B[keep_t]
             rows = [rows[j] for j in keep]
         logits_BV = model(
             next_B[:, None],

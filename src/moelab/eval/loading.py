@@ -57,10 +57,11 @@ def _read_meta(ckpt: Path) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
-def resolve_tokenizer(spec: str | None, ckpt: Path, run_dir: Path, meta: dict[str, Any]):
-    """The tokenizer for a checkpoint (see the module docstring for the order)."""
+def resolve_tokenizer(spec, ckpt: Path, run_dir: Path, meta: dict[str, Any]):
+    """The tokenizer for a checkpoint (see the module docstring for the order); ``spec`` may also be
+    a tokenizer object, used as given."""
     if spec is not None:
-        return load_tokenizer(spec)
+        return load_tokenizer(spec) if isinstance(spec, (str, Path)) else spec
     for folder in dict.fromkeys((ckpt, run_dir)):
         if (folder / BYTE_TOKENIZER_FILE).is_file() or (folder / HF_TOKENIZER_FILE).is_file():
             return load_tokenizer(folder)
@@ -73,15 +74,16 @@ def resolve_tokenizer(spec: str | None, ckpt: Path, run_dir: Path, meta: dict[st
     )
 
 
-def load_for_eval(path: str | Path, tokenizer: str | None = None, device: str = "cpu") -> EvalModel:
-    """Load model + tokenizer from ``path``; check the tokenizer fits the model's vocabulary."""
+def load_for_eval(path: str | Path, tokenizer=None, device: str = "cpu") -> EvalModel:
+    """Load model + tokenizer from ``path`` (``tokenizer``: a spec, an object, or None to find it);
+    check the tokenizer fits the model's vocabulary. The checkpoint is chosen (and verified) once."""
     import moelab
 
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"model path {p} does not exist; pass a moelab checkpoint, run directory or Mixtral directory")
-    model = moelab.load(p)
     ckpt = checkpoint_dir(p)
+    model = moelab.load(ckpt)
     meta = _read_meta(ckpt)
     tok = resolve_tokenizer(tokenizer, ckpt, p, meta)
     if tok.vocab_size > model.config.vocab_size:

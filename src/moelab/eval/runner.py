@@ -41,7 +41,7 @@ from .generate import check_sampling, generate
 from .loglikelihood import loglikelihood, move_trailing_whitespace
 from .metrics import default_ks, task_loss as to_task_loss, test_time_curve
 from .tasks import GenerationTask, MultipleChoiceTask, Task, get_task, list_tasks
-from .tasks.base import GROUP_KEY
+from .tasks.base import GROUP_KEY, argmax
 from .tasks.files import LOCAL, check_source
 from .tasks.registry import TASKS
 
@@ -293,7 +293,7 @@ def _sample_records(run: _TaskRun, prompts: list[str]) -> list[dict[str, Any]]:
         if isinstance(run.task, MultipleChoiceTask):
             lls = outs[0]
             gold = run.task.gold_index(doc)
-            pred = max(range(len(lls)), key=lambda j: (lls[j], -j))
+            pred = argmax(lls)
             records.append({**base, "choices": run.task.choices(doc), "loglikelihoods": lls, "pred": pred, "gold": gold,
                             "correct": bool(scores[0].get("acc")), "scores": scores[0]})
             continue
@@ -377,8 +377,8 @@ def evaluate(
     if isinstance(model, (str, Path)):  # a checkpoint, run or Mixtral directory: load what it holds
         from .loading import load_for_eval, synthetic_config
 
-        loaded = load_for_eval(model, tokenizer=tokenizer if tokenizer is None or isinstance(tokenizer, (str, Path)) else None)
-        model, tokenizer = loaded.model, (loaded.tokenizer if tokenizer is None or isinstance(tokenizer, (str, Path)) else tokenizer)
+        loaded = load_for_eval(model, tokenizer=tokenizer)
+        model, tokenizer = loaded.model, loaded.tokenizer
         if synthetic is None and isinstance((loaded.meta.get("data") or {}).get("synthetic"), dict):
             synthetic = synthetic_config(loaded.meta, loaded.checkpoint / "config.json")
     elif tokenizer is None or isinstance(tokenizer, (str, Path)):

@@ -97,14 +97,14 @@ class DispatchPlan:
     """The ``S = T*K`` routing slots in expert-sorted order.
 
     ``token_S`` is the token of each sorted slot, ``weight_S`` its fp32 combine weight and
-    ``inverse_S`` the permutation back to (token, k) order. Built once per layer and used by the
-    gather, the grouped matmuls (via ``tokens_per_expert_E``) and the combine.
+    ``inverse_S`` the permutation back to (token, k) order (computed when asked for: only the
+    permutation combine needs it). Built once per layer and used by the gather, the grouped matmuls
+    (via ``tokens_per_expert_E``) and the combine.
     """
 
     token_S: torch.Tensor
     weight_S: torch.Tensor
     order_S: torch.Tensor
-    inverse_S: torch.Tensor
     n_tokens: int
     top_k: int
 
@@ -112,16 +112,19 @@ class DispatchPlan:
     def from_routing(cls, routing: "Routing") -> "DispatchPlan":
         n_tokens, top_k = routing.expert_TK.shape
         order_S = torch.argsort(routing.expert_TK.reshape(-1), stable=True)
-        inverse_S = torch.empty_like(order_S)
-        inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
         return cls(
             token_S=torch.div(order_S, top_k, rounding_mode="floor"),
             weight_S=routing.weight_TK.reshape(-1)[order_S],
             order_S=order_S,
-            inverse_S=inverse_S,
             n_tokens=n_tokens,
             top_k=top_k,
         )
+
+    @property
+    def inverse_S(self) -> torch.Tensor:
+        inverse_S = torch.empty_like(self.order_S)
+        inverse_S[self.order_S] = torch.arange(self.order_S.numel(), device=self.order_S.device)
+        return inverse_S
 
 
 def _use_index_add(x: torch.Tensor) -> bool:
@@ -397,10 +400,8 @@ def experts_grouped_mm(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> to
     dtype = _compute_dtype(x_TD)
     plan = DispatchPlan.from_routing(routing)
     if not _use_index_add(x_TD):
-        offsets_E = torch.cumsum(routing.tokens_per_expert_E, dim=0).to(torch.int32)
         x_SD = _gather(x_TD, plan).to(dtype)
-        h_S2F = grouped_linear(x_SD, w_gate_up_E2FD.to(dtype), offsets_E)
-        y_SD = grouped_linear(_weighted_swiglu(h_S2F, plan.weight_S), w_down_EDF.to(dtype), offsets_E)
+        y_SD = _experts_block(x_SD, plan.weight_S, w_gate_up_E2FD, w_down_EDF, routing.tokens_per_expert_E, dtype)
         return _combine(y_SD, plan, x_TD.dtype)
     row_bytes = w_gate_up_E2FD.shape[1] * torch.empty((), dtype=dtype).element_size()
     counts = routing.tokens_per_expert_E.tolist()

@@ -90,15 +90,6 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
-def any_rank(flag: bool, d: Dist) -> bool:
-    """True on every rank if ``flag`` is true on any rank."""
-    if not d.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def wrap(model: nn.Module, strategy: str, d: Dist, device: torch.device) -> nn.Module:
     """DDP or FSDP2 (``fully_shard`` per block, then the root) when distributed; ``model`` otherwise."""
     if not d.enabled:

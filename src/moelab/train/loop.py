@@ -41,6 +41,7 @@ from ..data.shards import ShardSet
 from ..data.synthetic import materialize
 from ..data.tokenizer import load_tokenizer
 from ..errors import ConfigError, MoelabError
+from ..config import read_mapping
 from ..io import atomic_write_text
 from . import checkpoint as ckpt
 from . import distributed
@@ -79,10 +80,7 @@ def check_run_dir(run: RunConfig, out: Path, resume: bool) -> None:
     """Refuse a run directory that holds a different run, or checkpoints when ``resume`` is off."""
     stored = out / RUN_CONFIG
     if stored.is_file():
-        try:
-            old = yaml.safe_load(stored.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError:
-            raise ConfigError(f"{stored} is not valid YAML; restore it or choose another --out") from None
+        old = read_mapping(stored)
         differing = [k for k in diff_keys(old, run.to_dict()) if k not in RESUME_SAFE_KEYS]
         if differing:
             shown = ", ".join(differing[:6]) + (" ..." if len(differing) > 6 else "")
@@ -274,10 +272,9 @@ def _train(run: RunConfig, out: Path, resume: bool, quiet: bool, d: distributed.
         progress.close()
         log.close()
     elapsed = time.perf_counter() - t_start
-    final = ckpt.latest_good_checkpoint(out) if d.is_main else None
     return {
         "run_dir": str(out), "rank": d.rank, "steps": steps, "step": step, "tokens": tokens, "world_size": d.world_size,
-        "loss": last_loss, "val_loss": last_val, "checkpoint": str(final) if final else last_ckpt,
+        "loss": last_loss, "val_loss": last_val, "checkpoint": last_ckpt,
         "resumed_from": resumed_from, "elapsed_s": elapsed,
     }
 

@@ -273,12 +273,12 @@ class MultipleChoiceTask(Task):
         if any(len(c) == 0 for c in choices):
             raise ConfigError(f"{self.name}: a choice is empty, acc_norm is undefined; fix the document")
         gold = self.gold_index(doc)
-        pred = _argmax(output)
-        pred_norm = _argmax([ll / len(c) for ll, c in zip(output, choices)])
+        pred = argmax(output)
+        pred_norm = argmax([ll / len(c) for ll, c in zip(output, choices)])
         return {"acc": float(pred == gold), "acc_norm": float(pred_norm == gold)}
 
 
-def _argmax(values: Sequence[float]) -> int:
+def argmax(values: Sequence[float]) -> int:
     """Index of the first maximum (``numpy.argmax`` semantics)."""
     best = 0
     for i, value in enumerate(values):
