@@ -17,7 +17,9 @@ import time
 
 import torch
 
-from .common import machine_info, matmul_flops_per_second, print_table, write_json
+from moelab.train.flops import measure_matmul_flops
+
+from .common import machine_info, print_table, write_json
 
 PARTS = ("moe_layer", "train_step", "generate")
 SKEW = 0.4  # router bias of the skewed runs: max/mean expert load ~1.2 (E=8) to ~10 (E=256); printed per shape
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"unknown part(s) {unknown}; choose from {PARTS}")
     rounds = "3" if a.quick else "5"
     start = time.time()
-    payload: dict = {"machine": machine_info(), "fp32_matmul_flops_per_s": matmul_flops_per_second(), "parts": {}}
+    payload: dict = {"machine": machine_info(), "fp32_matmul_flops_per_s": measure_matmul_flops(), "parts": {}}
     summary: list[list[str]] = []
     if "moe_layer" in parts:
         from . import moe_layer

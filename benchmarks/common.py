@@ -46,13 +46,6 @@ def interleaved_medians(
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def matmul_flops_per_second(n: int = 1024, rounds: int = 10) -> float:
-    """The machine's fp32 matmul rate (FLOP/s) on an n x n x n product."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    t = interleaved_medians({"mm": lambda: a @ b}, rounds=rounds)["mm"]
-    return 2 * n**3 / t
-
-
 def machine_info() -> dict:
     return {
         "torch": torch.__version__,

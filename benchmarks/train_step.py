@@ -1,6 +1,6 @@
 """Training-step throughput: a dense model vs MoE models with the same active parameters, in one run.
 
-    python benchmarks/train_step.py [--d-model 256] [--layers 2] [--seq-len 256] [--batch 8] [--seconds 30]
+    python -m benchmarks.train_step [--d-model 256] [--layers 2] [--seq-len 256] [--batch 8] [--seconds 30]
 
 Models share d_model, layers, attention and vocabulary; the FFN is a dense SwiGLU of width F = 4 d
 (``n_experts = top_k = 1``), or E = 8 / k = 2 experts of width F / 2, or E = 64 / k = 8 experts of width
@@ -17,13 +17,14 @@ step time. Numbers are only comparable within one run (the machine may be shared
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import moelab
 from moelab import accounting
 from moelab.train.flops import measure_matmul_flops
+
+from .common import interleaved_medians
 
 
 def make_step(cfg: moelab.ModelConfig, batch: int, seq_len: int):
@@ -41,21 +42,6 @@ def make_step(cfg: moelab.ModelConfig, batch: int, seq_len: int):
         opt.zero_grad(set_to_none=True)
 
     return step
-
-
-def time_round_robin(steps: list, seconds: float, min_rounds: int = 3) -> list[float]:
-    """Median seconds per step of each closure, timed in interleaved rounds (fair on a shared machine)."""
-    for step in steps:  # warm-up
-        step()
-        step()
-    times: list[list[float]] = [[] for _ in steps]
-    start = time.perf_counter()
-    while len(times[0]) < min_rounds or time.perf_counter() - start < seconds:
-        for i, step in enumerate(steps):
-            t0 = time.perf_counter()
-            step()
-            times[i].append(time.perf_counter() - t0)
-    return [sorted(t)[len(t) // 2] for t in times]
 
 
 def _preset_pairs(names: list[str], seq_len: int | None) -> list[tuple[str, moelab.ModelConfig]]:
@@ -104,8 +90,10 @@ def main(argv: list[str] | None = None) -> dict:
     n = args.matmul_n
     a, b = torch.randn(n, n), torch.randn(n, n)
     measure_matmul_flops(n=n, min_seconds=0.2)  # warm up the BLAS threads
-    steps = [make_step(cfg, args.batch, args.seq_len) for _, cfg in models] + [lambda: a @ b]
-    *step_times, matmul_time = time_round_robin(steps, args.seconds)  # matmul timed in the same rounds
+    steps = {str(i): make_step(cfg, args.batch, args.seq_len) for i, (_, cfg) in enumerate(models)}
+    steps["matmul"] = lambda: a @ b  # the matmul rate is timed in the same rounds
+    times = interleaved_medians(steps, rounds=3, min_seconds=args.seconds)
+    step_times, matmul_time = [times[str(i)] for i in range(len(models))], times["matmul"]
     matmul = 2 * n**3 / matmul_time
     tokens = args.batch * args.seq_len
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch} x {args.seq_len} tokens; "
