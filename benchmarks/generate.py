@@ -10,7 +10,9 @@ sides run the same weights. Models:
   vocabulary), the models the default synthetic study trains and evaluates;
 * ``small-e64`` -- ``small`` with E 64, k 8 (a sparse model of the study's grid at that width).
 
-For each batch size the same random prompts (``--prompt-len`` tokens each)
+moelab is timed twice: eager (``generate``) and compiled (``generate(..., compile=True)``: the
+static-shape decode step through ``torch.compile``; its first call, which compiles, is timed apart and
+shown in brackets). For each batch size the same random prompts (``--prompt-len`` tokens each)
 are decoded greedily for exactly ``--new-tokens`` tokens (moelab: ``stop_at_eos=False``; transformers:
 ``min_new_tokens = max_new_tokens``, ``do_sample=False``). Times are medians over interleaved rounds
 (:func:`benchmarks.common.interleaved_medians`), so machine drift hits both columns alike. Reported:
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import random
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -90,6 +93,9 @@ def bench_model(name: str, args, rows: list[list[str]]) -> list[dict]:
         def run_moelab():
             return generate(model, tok, prompts, max_new_tokens=n, batch_size=bs, stop_at_eos=False)
 
+        def run_compiled():
+            return generate(model, tok, prompts, max_new_tokens=n, batch_size=bs, stop_at_eos=False, compile=True)
+
         @torch.inference_mode()
         def run_hf():
             return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
@@ -97,13 +103,25 @@ def bench_model(name: str, args, rows: list[list[str]]) -> list[dict]:
 
         ours = [g.token_ids for g in run_moelab()]
         theirs = run_hf()[:, ids.shape[1]:].tolist()
-        assert all(len(t) == n for t in ours) and all(len(t) == n for t in theirs)
-        agree = sum(a == b for x, y in zip(ours, theirs) for a, b in zip(x, y)) / (bs * n)
-        t = interleaved_medians({"moelab": run_moelab, "transformers": run_hf}, rounds=args.rounds, warmup=0)
-        ours_tps, hf_tps = bs * n / t["moelab"], bs * n / t["transformers"]
+        t0 = time.perf_counter()
+        compiled = [g.token_ids for g in run_compiled()]  # first call compiles: timed separately
+        compile_s = time.perf_counter() - t0
+        assert all(len(t) == n for t in ours + theirs + compiled)
+
+        def agreement(a_rows, b_rows):
+            return sum(a == b for x, y in zip(a_rows, b_rows) for a, b in zip(x, y)) / (bs * n)
+
+        agree, agree_compiled = agreement(ours, theirs), agreement(compiled, theirs)
+        t = interleaved_medians({"moelab": run_moelab, "compiled": run_compiled, "transformers": run_hf},
+                                rounds=args.rounds, warmup=0)
+        ours_tps, compiled_tps, hf_tps = (bs * n / t[k] for k in ("moelab", "compiled", "transformers"))
         results.append({"model": name, "shape": shape, "batch_size": bs, "new_tokens": n, "moelab_tokens_per_s": ours_tps,
-                        "transformers_tokens_per_s": hf_tps, "ratio": ours_tps / hf_tps, "token_agreement": agree})
-        rows.append([name, shape, str(bs), f"{ours_tps:,.0f}", f"{hf_tps:,.0f}", f"{ours_tps / hf_tps:.2f}x", f"{agree:.3f}"])
+                        "compiled_tokens_per_s": compiled_tps, "first_compiled_call_s": compile_s,
+                        "transformers_tokens_per_s": hf_tps, "ratio": ours_tps / hf_tps,
+                        "compiled_ratio": compiled_tps / hf_tps, "token_agreement": agree,
+                        "compiled_token_agreement": agree_compiled})
+        rows.append([name, shape, str(bs), f"{ours_tps:,.0f}", f"{compiled_tps:,.0f} ({compile_s:.0f} s)", f"{hf_tps:,.0f}",
+                     f"{ours_tps / hf_tps:.2f}x", f"{compiled_tps / hf_tps:.2f}x", f"{agree:.3f} / {agree_compiled:.3f}"])
     return results
 
 
@@ -131,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         results += bench_model(name, args, rows)
     print_table(f"greedy generation, {args.new_tokens} new tokens, prompt {args.prompt_len}, fp32 CPU, tokens/s (prefill included)",
-                ["model", "shape", "batch", "moelab tok/s", "transformers tok/s", "moelab / transformers", "same tokens"], rows)
+                ["model", "shape", "batch", "moelab tok/s", "compiled tok/s (1st call)", "transformers tok/s",
+                 "moelab / transformers", "compiled / transformers", "same tokens (eager / compiled)"], rows)
     payload = {"machine": machine_info(), "args": vars(args), "results": results}
     if args.json:
         write_json(args.json, payload)

@@ -383,3 +383,29 @@ def test_api_path_with_a_tokenizer_object(data_dir, tmp_path, model):
     by_path = evaluate(bare, TOK, ["triviaqa"], shots=2, limit=4, max_new_tokens=6, data_dir=data_dir)
     by_model = evaluate(model, TOK, ["triviaqa"], shots=2, limit=4, max_new_tokens=6, data_dir=data_dir)
     assert by_path["tasks"] == by_model["tasks"]
+
+
+def test_compiled_decode_gives_the_same_results(monkeypatch, model, capsys, checkpoint, tmp_path):
+    """``compile_decode`` / ``--compile`` reach the generator and change no metric (the static decode
+    step is run eagerly here; tests/test_generate.py compiles it for real)."""
+    import sys
+
+    monkeypatch.setattr(sys.modules["moelab.eval.generate"], "compiled_decode_step", lambda m: m.decode_step)
+    kw = dict(synthetic=SYNTH, samples=2, temperature=1.0, max_new_tokens=8, seed=3, batch_size=4, task_loss=False)
+    plain = evaluate(model, TOK, ["synthetic-reasoning", "synthetic-memorization"], **kw)
+    compiled = evaluate(model, TOK, ["synthetic-reasoning", "synthetic-memorization"], compile_decode=True, **kw)
+    assert compiled["config"]["compile_decode"] is True and plain["config"]["compile_decode"] is False
+    for name, res in plain["tasks"].items():
+        assert compiled["tasks"][name]["metrics"] == res["metrics"]
+    out = tmp_path / "r.json"
+    rc, _, _ = run_cli(capsys, "eval", checkpoint, "--tasks", "synthetic-memorization", "--limit", "3", "--compile",
+                       "--out", out, "--no-progress")
+    assert rc == 0 and json.loads(out.read_text())["config"]["compile_decode"] is True
+
+
+def test_api_settings_are_checked_before_the_model_loads(monkeypatch, tmp_path):
+    import moelab.eval.loading as loading
+
+    monkeypatch.setattr(loading, "load_for_eval", lambda *a, **k: pytest.fail("model loaded before settings were checked"))
+    with pytest.raises(ConfigError, match="top_p"):
+        evaluate(tmp_path / "some-run", None, ["synthetic-memorization"], top_p=2.0)

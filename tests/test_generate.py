@@ -25,8 +25,9 @@ PROMPTS = [
 
 def tiny_model(seed: int = 1, max_seq_len: int = 128, **kw):
     # init_std 0.3 makes logits peaked, so greedy choices are far from ties and robust to fp32 noise
-    cfg = moelab.ModelConfig(vocab_size=257, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_expert=64,
-                             n_experts=4, top_k=2, max_seq_len=max_seq_len, init_std=0.3, **kw)
+    fields = dict(vocab_size=257, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_expert=64, n_experts=4, top_k=2,
+                  max_seq_len=max_seq_len, init_std=0.3)
+    cfg = moelab.ModelConfig(**{**fields, **kw})
     return moelab.build(cfg, seed=seed).eval()
 
 
@@ -175,3 +176,89 @@ def test_max_new_tokens_and_prompt_truncation(tok):
 def test_bad_settings(model, tok, kw, msg):
     with pytest.raises(ConfigError, match=msg):
         generate(model, tok, ["a"], **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# the static-shape decode step (compile=True)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),  # GQA, 16 routing slots of 4 experts: sorted grouped dispatch
+    dict(n_kv_heads=4, qk_norm="head"),
+    dict(qk_norm="full", n_experts=16, top_k=2),  # 8 slots <= 16 experts: gathered-weights dispatch
+])
+def test_decode_step_equals_cached_forward(kw):
+    """``decode_step`` (static shapes, dynamic cache length) gives the cached forward's logits."""
+    from moelab.model.transformer import KVCache
+
+    model = tiny_model(**kw)
+    cfg = model.config
+    torch.manual_seed(0)
+    B, L, steps = 4, 7, 5
+    prompt = torch.randint(1, 257, (B, L))
+    pad_B = torch.tensor([0, 3, 1, 6])
+    mask_BS = torch.zeros(B, L + steps, dtype=torch.bool)
+    mask_BS[:, :L] = torch.arange(L)[None] >= pad_B[:, None]
+    positions = (torch.arange(L)[None] - pad_B[:, None]).clamp(min=0)
+    with torch.no_grad():
+        caches = [KVCache.empty(cfg, B, L + steps) for _ in range(2)]
+        for cache in caches:
+            model(prompt, positions=positions, cache=cache, key_padding_mask=mask_BS[:, :L])
+        tokens = torch.randint(1, 257, (B,))
+        for step in range(steps):
+            slot = L + step
+            mask_BS[:, slot] = True
+            pos_B = L - pad_B + step
+            want = model(tokens[:, None], positions=pos_B[:, None], cache=caches[0], key_padding_mask=mask_BS[:, : slot + 1],
+                         logits_to_keep=1).logits[:, -1]
+            got = model.decode_step(tokens, pos_B, caches[1], torch.tensor([slot]), mask_BS[:, : slot + 1])
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
+                torch.testing.assert_close(a[:, :, : slot + 1], b[:, :, : slot + 1])
+            tokens = want.argmax(-1)
+
+
+@pytest.fixture
+def uncompiled_static_step(monkeypatch):
+    """generate(compile=True) with the static decode step run eagerly: the loop logic without compiling."""
+    import sys
+
+    monkeypatch.setattr(sys.modules["moelab.eval.generate"], "compiled_decode_step", lambda model: model.decode_step)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 16])
+def test_static_loop_equals_eager_loop(model, tok, uncompiled_static_step, batch_size):
+    """Fixed batch (filler rows, finished rows kept): same greedy and sampled tokens, stops and EOS."""
+    for kw in (dict(max_new_tokens=20), dict(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=3),
+               dict(max_new_tokens=30, stop=["e", "\n\n"])):
+        want = generate(model, tok, PROMPTS, batch_size=batch_size, **kw)
+        got = generate(model, tok, PROMPTS, batch_size=batch_size, compile=True, **kw)
+        assert got == want
+    eos = want[0].token_ids[2]
+    assert generate(model, EosAt(eos), PROMPTS, max_new_tokens=20, batch_size=batch_size, compile=True) == \
+        generate(model, EosAt(eos), PROMPTS, max_new_tokens=20, batch_size=batch_size)
+
+
+@pytest.mark.slow
+def test_compiled_generation_equals_eager(model, tok):
+    """The real ``torch.compile`` path: one graph for every prompt length, the same tokens."""
+    want = generate(model, tok, PROMPTS, max_new_tokens=12, batch_size=4)
+    got = generate(model, tok, PROMPTS, max_new_tokens=12, batch_size=4, compile=True)
+    assert got == want
+    sampled = dict(max_new_tokens=12, batch_size=4, temperature=1.0, seed=1)
+    assert generate(model, tok, PROMPTS[:3], compile=True, **sampled) == generate(model, tok, PROMPTS[:3], **sampled)
+
+
+def test_compile_failure_is_a_config_error(monkeypatch, tok):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def broken(fn, **kw):
+        def run(*a):
+            raise BackendCompilerFailed(fn, RuntimeError("InvalidCxxCompiler: no working C++ compiler found"), None)
+        return run
+
+    model = tiny_model()
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.raises(ConfigError, match=r"could not build the decode step \(RuntimeError: InvalidCxxCompiler.*drop --compile"):
+        generate(model, tok, ["a"], max_new_tokens=3, compile=True)

@@ -175,6 +175,28 @@ class _StopChecker:
 # --------------------------------------------------------------------------------------------------
 
 
+def compiled_decode_step(model):
+    """``torch.compile(model.decode_step)``, built once per model and kept on it. :func:`_decode_batch`
+    marks the cache length dynamic, so one graph serves every prompt length and step; it recompiles
+    for a new batch size or dtype."""
+    step = getattr(model, "_compiled_decode_step", None)
+    if step is None:
+        compiled = torch.compile(model.decode_step, fullgraph=True)
+
+        def step(*args):
+            try:
+                return compiled(*args)
+            except torch._dynamo.exc.BackendCompilerFailed as e:
+                inner = getattr(e, "inner_exception", e)
+                reason = (f"{type(inner).__name__}: {inner}".strip().splitlines() or ["unknown error"])[0][:200]
+                raise ConfigError(
+                    f"torch.compile could not build the decode step ({reason}); generate without compiling (drop --compile / compile=True)"
+                ) from e
+
+        model._compiled_decode_step = step
+    return step
+
+
 def _decode_batch(
     model,
     batch_ids: list[list[int]],
@@ -185,29 +207,42 @@ def _decode_batch(
     checker: _StopChecker,
     temperature: float,
     top_p: float,
+    static_step: Callable | None = None,
+    n_padding: int = 0,
 ) -> list[tuple[list[int], str]]:
-    """Decode one batch of (already truncated) prompts. Returns ``(generated ids, finish_reason)`` per row."""
+    """Decode one batch of (already truncated) prompts. Returns ``(generated ids, finish_reason)`` per row.
+
+    Eager (``static_step is None``): finished rows are dropped from the batch. Compiled (``static_step``,
+    e.g. :func:`compiled_decode_step`): the batch keeps its shape -- finished rows stay in it (their
+    tokens are ignored) and the last ``n_padding`` rows are filler that is never decoded; the cache
+    length is the only size that changes, and it is marked dynamic.
+    """
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     B = len(batch_ids)
     lengths_B = torch.tensor([len(ids) for ids in batch_ids], device=device)
     L = int(lengths_B.max())
+    capacity = L + max_new_tokens
     pad_id = 0 if eos_id is None else eos_id
     input_BL = torch.full((B, L), pad_id, dtype=torch.long, device=device)
     for r, ids in enumerate(batch_ids):
         input_BL[r, L - len(ids) :] = torch.tensor(ids, dtype=torch.long)
     pad_B = L - lengths_B
     positions_BL = (torch.arange(L, device=device)[None, :] - pad_B[:, None]).clamp_(min=0)
-    # key padding mask over every cache slot: prompt pads False, real prompt tokens and generated tokens True
-    mask_BS = torch.ones(B, L + max_new_tokens, dtype=torch.bool, device=device)
+    # key padding mask over every cache slot: True for real prompt tokens and, once written, generated ones
+    mask_BS = torch.zeros(B, capacity, dtype=torch.bool, device=device)
     mask_BS[:, :L] = torch.arange(L, device=device)[None, :] >= pad_B[:, None]
-    cache = KVCache.empty(model.config, B, L + max_new_tokens, device=device, dtype=dtype)
+    cache = KVCache.empty(model.config, B, capacity, device=device, dtype=dtype)
+    if static_step is not None:  # one compiled graph for every cache size
+        for buffer in cache.keys + cache.values:
+            torch._dynamo.mark_dynamic(buffer, 2)
     logits_BV = model(
         input_BL, positions=positions_BL, cache=cache, key_padding_mask=mask_BS[:, :L], logits_to_keep=1
     ).logits[:, -1]
 
     out: list[list[int]] = [[] for _ in range(B)]
     reasons: list[str] = ["length"] * B
+    done = [r >= B - n_padding for r in range(B)]
     rows = list(range(B))  # batch row index of each row still in the cache
     for step in range(max_new_tokens):
         u_B = uniforms_RN[rows, step] if uniforms_RN is not None else None
@@ -215,29 +250,38 @@ def _decode_batch(
         keep = []
         for j, token in enumerate(next_B.tolist()):
             r = rows[j]
+            if done[r]:  # static decoding keeps finished (and filler) rows in the batch
+                continue
             if eos_id is not None and token == eos_id:
-                reasons[r] = "eos"
+                reasons[r], done[r] = "eos", True
                 continue
             out[r].append(token)
             if checker.hit(out[r]):
-                reasons[r] = "stop"
+                reasons[r], done[r] = "stop", True
                 continue
             keep.append(j)
         if not keep or step + 1 == max_new_tokens:
             break
-        if len(keep) < len(rows):  # drop finished rows: they cost nothing from now on
+        if static_step is None and len(keep) < len(rows):  # drop finished rows: they cost nothing from now on
             keep_t = torch.tensor(keep, device=device)
             cache.select(keep_t)
             mask_BS, lengths_B, next_B = mask_BS[keep_t], lengths_B[keep_t], next_B[keep_t]
             rows = [rows[j] for j in keep]
-        logits_BV = model(
-            next_B[:, None],
-            positions=(lengths_B + step)[:, None],
-            cache=cache,
-            key_padding_mask=mask_BS[:, : cache.length + 1],
-            logits_to_keep=1,
-        ).logits[:, -1]
-    return [(out[r], reasons[r]) for r in range(B)]
+        slot = L + step
+        mask_BS[:, slot] = True
+        if static_step is None:
+            logits_BV = model(
+                next_B[:, None],
+                positions=(lengths_B + step)[:, None],
+                cache=cache,
+                key_padding_mask=mask_BS[:, : slot + 1],
+                logits_to_keep=1,
+            ).logits[:, -1]
+            continue
+        attend_BS = mask_BS[:, : slot + 1]
+        torch._dynamo.mark_dynamic(attend_BS, 1)
+        logits_BV = static_step(next_B, lengths_B + step, cache, torch.tensor([slot], device=device), attend_BS)
+    return [(out[r], reasons[r]) for r in range(B - n_padding)]
 
 
 @torch.inference_mode()
@@ -256,6 +300,7 @@ def generate(
     stop_at_eos: bool = True,
     max_length: int | None = None,
     progress: Callable[[int], None] | None = None,
+    compile: bool = False,
 ) -> list[Generation]:
     """Generate a continuation for every prompt, in the order given.
 
@@ -265,6 +310,11 @@ def generate(
     EOS (for benchmarks). Prompts are left-truncated to ``max_length - max_new_tokens`` tokens
     (``max_length`` defaults to the model's ``max_seq_len``). ``progress(n)`` is called with the number
     of prompts just finished.
+
+    ``compile=True`` runs every decoding step through ``torch.compile`` with static shapes
+    (:meth:`moelab.model.MoELM.decode_step`): the same tokens up to floating-point rounding, several
+    times fewer kernel launches per step, at the price of a one-off compilation (seconds per batch
+    size and cache-size bucket). Batches are padded to a fixed size and finished rows stay in the batch.
     """
     check_sampling(max_new_tokens, temperature, top_p, batch_size)
     if sample_ids is None:
@@ -277,13 +327,20 @@ def generate(
     encoded = [prompt_ids(tokenizer, p, room) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))  # longest first, like lm-eval
     results: list[Generation | None] = [None] * len(prompts)
+    static_step = compiled_decode_step(model) if compile else None
+    rows_per_batch = min(batch_size, len(prompts))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         uniforms = None if temperature == 0 else row_uniforms(seed, [sample_ids[i] for i in idx], max_new_tokens)
+        n_padding = rows_per_batch - len(idx) if compile else 0  # compiled shapes: pad the last batch
+        if uniforms is not None and n_padding:
+            uniforms = torch.cat([uniforms, uniforms.new_zeros(n_padding, max_new_tokens)])
         decoded = _decode_batch(
             model,
-            [encoded[i] for i in idx],
+            [encoded[i] for i in idx] + [[tokenizer.eos_id]] * n_padding,
             uniforms,
+            static_step=static_step,
+            n_padding=n_padding,
             max_new_tokens=max_new_tokens,
             eos_id=tokenizer.eos_id if stop_at_eos else None,
             checker=checker,

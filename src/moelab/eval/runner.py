@@ -62,6 +62,7 @@ class EvalSettings:
     max_new_tokens: int | None = None
     seed: int = 0
     source: str = LOCAL
+    compile_decode: bool = False
 
     def __post_init__(self) -> None:
         check_source(self.source)
@@ -205,6 +206,7 @@ def _run_generation(run: _TaskRun, model, tokenizer, s: EvalSettings, tick) -> N
         sample_ids=sample_ids,
         batch_size=s.batch_size,
         progress=tick,
+        compile=s.compile_decode,
     )
     seconds = time.perf_counter() - t0
     n_tokens = sum(len(g.token_ids) for g in gens)
@@ -358,6 +360,7 @@ def evaluate(
     log_samples: str | Path | None = None,
     progress: bool = False,
     model_info: dict[str, Any] | None = None,
+    compile_decode: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``tasks`` (names or :class:`Task` objects); see the module docstring.
 
@@ -369,10 +372,18 @@ def evaluate(
     Lines files under ``data_dir`` (default) or ``"hf"``, the Hugging Face datasets lm-eval uses
     (needs ``pip install 'moelab[datasets]'``; see :mod:`moelab.eval.tasks.files`);
     ``synthetic`` (a SyntheticConfig or its dict) provides the synthetic test sets; ``log_samples``
-    writes one JSON line per sample there. All documents and few-shot pools are loaded (and every
-    setting checked) before the model runs, so bad inputs fail fast.
+    writes one JSON line per sample there. ``compile_decode`` generates through the compiled decode
+    step (:func:`moelab.eval.generate.generate` with ``compile=True``): faster once compiled, the same
+    answers up to floating-point rounding. Every setting is checked before a model is loaded, and all
+    documents and few-shot pools are loaded before the model runs, so bad inputs fail fast.
     """
     from .. import __version__
+
+    settings = EvalSettings(
+        shots=shots, limit=limit, samples=samples, ks=list(ks) if ks is not None else None,
+        temperature=temperature, top_p=top_p, batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed,
+        source=source, compile_decode=compile_decode,
+    )
 
     if isinstance(model, (str, Path)):  # a checkpoint, run or Mixtral directory: load what it holds
         from .loading import load_for_eval, synthetic_config
@@ -387,11 +398,6 @@ def evaluate(
         if tokenizer is None:
             raise ConfigError("evaluate() needs a tokenizer for a model object: pass tokenizer='byte', a tokenizer.json or a tokenizer")
         tokenizer = load_tokenizer(tokenizer)
-    settings = EvalSettings(
-        shots=shots, limit=limit, samples=samples, ks=list(ks) if ks is not None else None,
-        temperature=temperature, top_p=top_p, batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed,
-        source=source,
-    )
     if isinstance(tasks, str):
         tasks = parse_task_list(tasks)
     if not tasks:
@@ -452,6 +458,7 @@ def evaluate(
             "max_new_tokens": max_new_tokens,
             "seed": seed,
             "source": source,
+            "compile_decode": compile_decode,
             "tokenizer": getattr(tokenizer, "spec", type(tokenizer).__name__),
         },
         **report,

@@ -422,6 +422,24 @@ def experts_grouped_mm(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> to
     return out_TD.to(x_TD.dtype)
 
 
+def experts_static(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.Tensor:
+    """Inference dispatch with no host synchronisation and shapes fixed by ``T`` and ``K`` alone (for a
+    compiled decode step). With at most ``E`` slots (or without ``grouped_mm``): the gathered-weights
+    path, which reads only the selected experts; otherwise: one sort, a gather, two grouped matmuls
+    whose group ends come from ``searchsorted`` on the device, and the deterministic combine."""
+    n_slots, n_experts = routing.expert_TK.numel(), w_gate_up_E2FD.shape[0]
+    if n_slots <= n_experts or not _HAS_GROUPED_MM:
+        return experts_gathered(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
+    dtype = _compute_dtype(x_TD)
+    plan = DispatchPlan.from_routing(routing)
+    expert_S = routing.expert_TK.reshape(-1)[plan.order_S]
+    ends_E = torch.searchsorted(expert_S, torch.arange(1, n_experts + 1, device=x_TD.device) - 1, right=True)
+    x_SD = _gather(x_TD, plan).to(dtype)
+    h_S2F = grouped_linear(x_SD, w_gate_up_E2FD.to(dtype), ends_E.to(torch.int32))
+    y_SD = grouped_linear(_weighted_swiglu(h_S2F, plan.weight_S), w_down_EDF.to(dtype), ends_E.to(torch.int32))
+    return _combine(y_SD, plan, x_TD.dtype)
+
+
 def experts_loop(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.Tensor:
     """Dispatch with one plain matmul pair per non-empty expert over its contiguous slice."""
     dtype = _compute_dtype(x_TD)
@@ -493,8 +511,10 @@ class MoE(nn.Module):
         self._experts = _experts_fn(backend)
         self.backend = backend
 
-    def forward(self, x_TD: torch.Tensor, with_losses: bool = True) -> tuple[torch.Tensor, MoEAux]:
-        """``with_losses=False`` skips the router losses (returned as zeros), e.g. when decoding."""
+    def forward(self, x_TD: torch.Tensor, with_losses: bool = True, static_shapes: bool = False) -> tuple[torch.Tensor, MoEAux]:
+        """``with_losses=False`` skips the router losses (returned as zeros), e.g. when decoding.
+        ``static_shapes=True`` (inference only) dispatches without reading anything on the host
+        (:func:`experts_static`), so ``torch.compile`` captures the layer as one graph."""
         if self.router is None:  # dense FFN
             dtype = _compute_dtype(x_TD)
             y_TD = _swiglu(x_TD.to(dtype) @ self.w_gate_up[0].to(dtype).T) @ self.w_down[0].to(dtype).T
@@ -502,7 +522,8 @@ class MoE(nn.Module):
             counts = torch.full((1,), x_TD.shape[0], dtype=torch.long, device=x_TD.device)
             return y_TD.to(x_TD.dtype), MoEAux(zero, zero, counts)
         routing = route(x_TD, self.router.weight, self.top_k, self.norm_topk_prob)
-        y_TD = self._experts(x_TD, self.w_gate_up, self.w_down, routing)
+        experts = experts_static if static_shapes and self.backend != "naive" else self._experts
+        y_TD = experts(x_TD, self.w_gate_up, self.w_down, routing)
         if not with_losses:
             zero = x_TD.new_zeros((), dtype=torch.float32)
             return y_TD, MoEAux(zero, zero, None)

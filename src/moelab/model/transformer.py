@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .linear import Linear
 from .moe import MoE, MoEAux
 
 
@@ -86,10 +87,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.d_model, cfg.d_attn, bias=False)
-        self.wk = nn.Linear(cfg.d_model, cfg.d_kv, bias=False)
-        self.wv = nn.Linear(cfg.d_model, cfg.d_kv, bias=False)
-        self.wo = nn.Linear(cfg.d_attn, cfg.d_model, bias=False)
+        self.wq = Linear(cfg.d_model, cfg.d_attn)
+        self.wk = Linear(cfg.d_model, cfg.d_kv)
+        self.wv = Linear(cfg.d_model, cfg.d_kv)
+        self.wo = Linear(cfg.d_attn, cfg.d_model)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm == "head":
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -98,7 +99,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.d_attn, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.d_kv, cfg.rms_norm_eps)
 
-    def forward(self, x_BTD, cos, sin, cache: KVCache | None, layer: int, mask_BTS: torch.Tensor | None):
+    def _qkv(self, x_BTD, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projected, normalised (``qk_norm``) and rotated queries ``[B, H, T, Hd]``, keys and values ``[B, G, T, Hd]``."""
         B, T, _ = x_BTD.shape
         q, k, v = self.wq(x_BTD), self.wk(x_BTD), self.wv(x_BTD)
         if self.qk_norm == "full":
@@ -108,7 +110,26 @@ class Attention(nn.Module):
         v_BGTd = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.qk_norm == "head":
             q_BHTd, k_BGTd = self.q_norm(q_BHTd), self.k_norm(k_BGTd)
-        q_BHTd, k_BGTd = apply_rope(q_BHTd, cos, sin), apply_rope(k_BGTd, cos, sin)
+        return apply_rope(q_BHTd, cos, sin), apply_rope(k_BGTd, cos, sin), v_BGTd
+
+    def decode_step(self, x_B1D, cos, sin, keys_BGCd, values_BGCd, slot_1, mask_B11S, n_slots) -> torch.Tensor:
+        """One query per row: write its key/value into cache slot ``slot_1`` (a 1-element tensor) and
+        attend over the first ``n_slots`` slots of the cache buffers (capacity ``C``), masked by
+        ``mask_B11S`` (True = attend)."""
+        B = x_B1D.shape[0]
+        q_BH1d, k_BG1d, v_BG1d = self._qkv(x_B1D, cos, sin)
+        keys_BGCd.index_copy_(2, slot_1, k_BG1d.to(keys_BGCd.dtype))
+        values_BGCd.index_copy_(2, slot_1, v_BG1d.to(values_BGCd.dtype))
+        keys_BGSd, values_BGSd = keys_BGCd[:, :, :n_slots], values_BGCd[:, :, :n_slots]
+        o_BH1d = F.scaled_dot_product_attention(
+            q_BH1d, keys_BGSd.to(q_BH1d.dtype), values_BGSd.to(q_BH1d.dtype), attn_mask=mask_B11S,
+            enable_gqa=self.n_heads != self.n_kv_heads,
+        )
+        return self.wo(o_BH1d.transpose(1, 2).reshape(B, 1, -1))
+
+    def forward(self, x_BTD, cos, sin, cache: KVCache | None, layer: int, mask_BTS: torch.Tensor | None):
+        B, T, _ = x_BTD.shape
+        q_BHTd, k_BGTd, v_BGTd = self._qkv(x_BTD, cos, sin)
         if cache is not None:
             start = cache.length
             cache.keys[layer][:, :, start : start + T] = k_BGTd.to(cache.keys[layer].dtype)
@@ -137,6 +158,13 @@ class Block(nn.Module):
         y_TD, aux = self.moe(self.ffn_norm(x_BTD).reshape(B * T, D), with_losses)
         return x_BTD + y_TD.view(B, T, D), aux
 
+    def decode_step(self, x_B1D, cos, sin, keys_BGCd, values_BGCd, slot_1, mask_B11S, n_slots) -> torch.Tensor:
+        """:meth:`forward` for one new token per row (see :meth:`MoELM.decode_step`)."""
+        x_B1D = x_B1D + self.attn.decode_step(self.attn_norm(x_B1D), cos, sin, keys_BGCd, values_BGCd, slot_1, mask_B11S, n_slots)
+        B, _, D = x_B1D.shape
+        y_BD, _ = self.moe(self.ffn_norm(x_B1D).reshape(B, D), with_losses=False, static_shapes=True)
+        return x_B1D + y_BD.view(B, 1, D)
+
 
 @dataclass
 class ModelOutput:
@@ -157,7 +185,7 @@ class MoELM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
@@ -192,6 +220,29 @@ class MoELM(nn.Module):
         for block in self.layers:
             block.moe.set_backend(backend)
         self.config.moe_backend = backend  # type: ignore[assignment]
+
+    def decode_step(
+        self, input_B: torch.Tensor, positions_B: torch.Tensor, cache: KVCache, slot_1: torch.Tensor, mask_BS: torch.Tensor
+    ) -> torch.Tensor:
+        """One decoding step with no host synchronisation and no data-dependent shapes, so that
+        ``torch.compile`` captures it as one graph (:func:`moelab.eval.generate.generate` with ``compile=True``).
+
+        ``input_B``: the newest token of each row; ``positions_B``: its RoPE position; ``slot_1``: a
+        1-element int64 tensor, the cache slot it is written to (the same for every row: prompts are
+        left-padded); ``mask_BS``: bool ``[B, S]``, True for every slot among the first ``S`` the row
+        may attend to, this step's slot (``S - 1``) included, prompt padding False. Attention runs over
+        the first ``S`` cache slots (mark ``S`` dynamic so one compiled graph serves every step) and the
+        MoE layers use host-synchronisation-free dispatch (``static_shapes=True``). Does not change
+        ``cache.length``. Returns fp32 logits ``[B, V]``.
+        """
+        cfg = self.config
+        cos, sin = rope_cos_sin(positions_B[:, None], cfg.head_dim, cfg.rope_theta)
+        n_slots = mask_BS.shape[1]
+        mask_B11S = mask_BS[:, None, None, :]
+        x_B1D = self.embed(input_B[:, None])
+        for i, block in enumerate(self.layers):
+            x_B1D = block.decode_step(x_B1D, cos, sin, cache.keys[i], cache.values[i], slot_1, mask_B11S, n_slots)
+        return self.lm_head(self.norm(x_B1D[:, 0])).float()
 
     def forward(
         self,

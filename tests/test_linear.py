@@ -1,0 +1,93 @@
+"""moelab.model.linear: the packed-weight inference path equals F.linear and never goes stale."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moelab.model import linear as linear_module
+from moelab.model.linear import Linear, use_packed
+
+pytestmark = pytest.mark.skipif(not linear_module._HAS_PACKED, reason="this torch has no oneDNN packed linear")
+
+
+@pytest.fixture
+def packed_always(monkeypatch):
+    monkeypatch.setattr(linear_module, "PACK_MIN_BYTES", 0)
+
+
+def calls(monkeypatch) -> list[int]:
+    """Count the packed multiplies."""
+    seen: list[int] = []
+    real = linear_module._packed_weight
+
+    def counting(w):
+        seen.append(1)
+        return real(w)
+
+    monkeypatch.setattr(linear_module, "_packed_weight", counting)
+    return seen
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (16, 64), (3, 5, 64)])
+def test_packed_equals_f_linear(packed_always, monkeypatch, shape):
+    lin = Linear(64, 300)
+    x = torch.randn(*shape)
+    seen = calls(monkeypatch)
+    with torch.no_grad():
+        y = lin(x)
+    assert seen and y.shape == (*shape[:-1], 300)
+    torch.testing.assert_close(y, F.linear(x, lin.weight), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_copy_follows_weight_changes(packed_always):
+    lin = Linear(32, 48)
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        lin(x)
+    with torch.no_grad():
+        lin.weight.mul_(2)  # in-place update (an optimizer step): the version counter moves
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight), rtol=1e-5, atol=1e-5)
+        lin.load_state_dict({"weight": torch.randn(48, 32)})  # copy_ into the same storage
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight), rtol=1e-5, atol=1e-5)
+        lin.weight.data = torch.randn(48, 32)  # new storage
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_entries_die_with_their_weight(packed_always):
+    lin = Linear(32, 48)
+    with torch.no_grad():
+        lin(torch.randn(2, 32))
+    key = id(lin.weight)
+    assert key in linear_module._PACKED
+    del lin
+    import gc
+
+    gc.collect()
+    assert key not in linear_module._PACKED
+
+
+def test_training_autocast_small_weights_use_f_linear(monkeypatch):
+    seen = calls(monkeypatch)
+    big = Linear(256, 1024)  # 1 MiB: packed for inference
+    x = torch.randn(4, 256, requires_grad=True)
+    big(x).sum().backward()  # autograd: plain F.linear, gradients flow
+    assert big.weight.grad is not None and x.grad is not None and not seen
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert big(x).dtype == torch.bfloat16 and not seen
+    with torch.no_grad():
+        assert not use_packed(x, Linear(16, 16).weight)  # small: not worth packing
+        big(x)
+    assert seen
+
+
+def test_packed_linear_compiles_as_one_op(packed_always):
+    """Inside torch.compile the packed multiply is an opaque op; the result still follows the weight."""
+    lin = Linear(32, 40)
+    fn = torch.compile(lambda x: lin(x) * 2, fullgraph=True)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fn(x), 2 * F.linear(x, lin.weight), rtol=1e-5, atol=1e-5)
+        lin.weight.add_(1.0)
+        torch.testing.assert_close(fn(x), 2 * F.linear(x, lin.weight), rtol=1e-5, atol=1e-5)
