@@ -19,9 +19,37 @@ import torch
 import torch.nn.functional as F
 
 
+def _aligned(n: int, t: torch.Tensor) -> int:
+    """``n`` rounded up so that ``n`` elements of ``t``'s dtype fill whole 16-byte units (``grouped_mm``
+    needs 16-byte aligned strides: d_model and d_expert multiples of 8 in bf16, of 4 in fp32)."""
+    per_16_bytes = max(1, 16 // t.element_size())
+    return -(-n // per_16_bytes) * per_16_bytes
+
+
+def _pad(t: torch.Tensor, *sizes: int) -> torch.Tensor:
+    """Zero-pad the trailing ``len(sizes)`` dimensions of ``t`` up to ``sizes`` (no copy if already there)."""
+    pad: list[int] = []
+    for dim, size in zip(range(t.dim() - 1, t.dim() - 1 - len(sizes), -1), reversed(sizes)):
+        pad += [0, size - t.shape[dim]]
+    return t if not any(pad) else F.pad(t, pad)
+
+
+def _is_aligned(*dims_and_tensor) -> bool:
+    *dims, t = dims_and_tensor
+    return all(_aligned(d, t) == d for d in dims)
+
+
+# Unaligned sizes are zero-padded (zeros add nothing to the products) and the result sliced back.
+
+
 @torch.library.custom_op("moelab::grouped_linear", mutates_args=())
 def _grouped_linear(x_SK: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    return F.grouped_mm(x_SK, w_ENK.transpose(1, 2), offs=offsets_E)
+    N, K = w_ENK.shape[1:]
+    if _is_aligned(N, K, x_SK):
+        return F.grouped_mm(x_SK, w_ENK.transpose(1, 2), offs=offsets_E)
+    Np, Kp = _aligned(N, x_SK), _aligned(K, x_SK)
+    y = F.grouped_mm(_pad(x_SK, Kp), _pad(w_ENK, Np, Kp).transpose(1, 2), offs=offsets_E)
+    return y[:, :N].contiguous()
 
 
 @_grouped_linear.register_fake
@@ -31,7 +59,11 @@ def _(x_SK, w_ENK, offsets_E):
 
 @torch.library.custom_op("moelab::grouped_linear_dx", mutates_args=())
 def _grouped_linear_dx(dy_SN: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    return F.grouped_mm(dy_SN, w_ENK, offs=offsets_E)
+    N, K = w_ENK.shape[1:]
+    if _is_aligned(N, K, dy_SN):
+        return F.grouped_mm(dy_SN, w_ENK, offs=offsets_E)
+    Np, Kp = _aligned(N, dy_SN), _aligned(K, dy_SN)
+    return F.grouped_mm(_pad(dy_SN, Np), _pad(w_ENK, Np, Kp), offs=offsets_E)[:, :K].contiguous()
 
 
 @_grouped_linear_dx.register_fake
@@ -41,7 +73,11 @@ def _(dy_SN, w_ENK, offsets_E):
 
 @torch.library.custom_op("moelab::grouped_linear_dw", mutates_args=())
 def _grouped_linear_dw(dy_SN: torch.Tensor, x_SK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    return F.grouped_mm(dy_SN.t(), x_SK, offs=offsets_E)
+    N, K = dy_SN.shape[1], x_SK.shape[1]
+    if _is_aligned(N, K, x_SK):
+        return F.grouped_mm(dy_SN.t(), x_SK, offs=offsets_E)
+    Np, Kp = _aligned(N, x_SK), _aligned(K, x_SK)
+    return F.grouped_mm(_pad(dy_SN, Np).t(), _pad(x_SK, Kp), offs=offsets_E)[:, :N, :K].contiguous()
 
 
 @_grouped_linear_dw.register_fake
@@ -67,6 +103,6 @@ _grouped_linear.register_autograd(_backward, setup_context=_setup_context)
 
 def grouped_linear(x_SK: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """``[S, K] x [E, N, K] -> [S, N]``: row group ``e`` (ending at ``offsets_E[e]``, int32) times ``w[e].T``."""
-    if x_SK.is_cuda and x_SK.dtype == torch.bfloat16:
+    if x_SK.is_cuda and x_SK.dtype == torch.bfloat16 and _is_aligned(*w_ENK.shape[1:], x_SK):
         return F.grouped_mm(x_SK, w_ENK.transpose(1, 2), offs=offsets_E)
     return _grouped_linear(x_SK, w_ENK, offsets_E)
