@@ -409,3 +409,32 @@ def test_api_settings_are_checked_before_the_model_loads(monkeypatch, tmp_path):
     monkeypatch.setattr(loading, "load_for_eval", lambda *a, **k: pytest.fail("model loaded before settings were checked"))
     with pytest.raises(ConfigError, match="top_p"):
         evaluate(tmp_path / "some-run", None, ["synthetic-memorization"], top_p=2.0)
+
+
+@pytest.mark.parametrize("samples, task_loss", [(1, True), (3, False), (2, True)])
+def test_progress_bar_total_is_the_work_done(monkeypatch, model, data_dir, samples, task_loss):
+    import moelab.eval.runner as runner
+
+    class FakeBar:
+        def __init__(self):
+            self.total, self.done = {}, {}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def add_task(self, name, total):
+            self.total[name], self.done[name] = total, 0
+            return name
+
+        def update(self, task, advance):
+            self.done[task] += advance
+
+    bar = FakeBar()
+    monkeypatch.setattr(runner, "_progress_bar", lambda enabled: bar)
+    kw = dict(temperature=1.0) if samples > 1 else {}
+    evaluate(model, TOK, ["synthetic-reasoning", "hellaswag"], synthetic=SYNTH, data_dir=data_dir, limit=3, shots=1,
+             samples=samples, max_new_tokens=4, task_loss=task_loss, progress=True, **kw)
+    assert bar.total == bar.done and all(v > 0 for v in bar.total.values())

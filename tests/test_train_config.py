@@ -164,7 +164,7 @@ def test_cli_resume_with_different_config_is_refused(tmp_path, capsys):
     assert "different config" in err and "model.d_model" in err and "train.lr" in err
     assert "already holds checkpoints" in _cli_error(capsys, "train", str(cfg), "--out", out, "--no-resume")
     # length/eval/log settings may change; without CONFIG the stored config.yaml is used: extend the run
-    assert main(["train", "--out", out, "-q", "--set", "train.steps=7"]) == 0
+    assert main(["train", "--out", out, "--no-progress", "--set", "train.steps=7"]) == 0  # --no-progress = -q
     from moelab.train.metrics import read_metrics
 
     assert [r["step"] for r in read_metrics(out)] == list(range(1, 8))

@@ -104,14 +104,14 @@ class _TaskRun:
     answer_bytes: list[int] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def n_units(self) -> int:
-        """Progress units: generated sequences or scored continuations, plus one task-loss item per doc."""
+    def n_units(self, samples: int, task_loss: bool) -> int:
+        """Progress units: generated sequences (``samples`` per doc) or scored continuations, plus one
+        task-loss item per doc when ``task_loss``."""
         if isinstance(self.task, MultipleChoiceTask):
             model_units = sum(len(r.continuations) for r in self.requests)
         else:
-            model_units = len(self.docs)
-        return model_units + len(self.docs)
+            model_units = len(self.docs) * samples
+        return model_units + (len(self.docs) if task_loss else 0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -423,7 +423,7 @@ def evaluate(
     try:
         with _progress_bar(progress) as bar:
             for run in runs:
-                bar_task = bar.add_task(run.name, total=run.n_units) if bar is not None else None
+                bar_task = bar.add_task(run.name, total=run.n_units(samples, task_loss)) if bar is not None else None
                 tick: Callable[[int], None] | None = (lambda n, b=bar_task: bar.update(b, advance=n)) if bar is not None else None
                 t0 = time.perf_counter()
                 prompts = [r.prompt if isinstance(run.task, GenerationTask) else r.context for r in run.requests]

@@ -22,7 +22,7 @@ def train_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Run directory (created; re-running resumes it)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a config value: key.path=value (YAML-parsed). Repeatable."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the newest good checkpoint in --out."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or progress lines."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", "--no-progress", help="No progress bar or progress lines (--no-progress as in moelab eval)."),
     as_json: bool = typer.Option(False, "--json", help="Print the final summary as one JSON line."),
 ) -> None:
     """Pre-train a MoE LM (also under torchrun); writes checkpoints, metrics.jsonl and config.yaml to --out."""
