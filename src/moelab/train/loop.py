@@ -112,14 +112,14 @@ def evaluate(model, val: ShardSet, seq_len: int, batch_size: int, n_batches: int
     """Mean next-token cross-entropy (nats) over the first ``n_batches * batch_size`` validation windows."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device: one sync
     with torch.no_grad(), _autocast(device, amp):
         for x, y in eval_batches(val, seq_len, batch_size, max_windows=n_batches * batch_size):
             out = model(x.to(device), y.to(device))
-            total += out.ce_loss.double().item() * y.numel()
+            total += out.ce_loss.double() * y.numel()
             count += y.numel()
     model.train(was_training)
-    return total / max(1, count)
+    return float(total) / max(1, count)
 
 
 def _autocast(device: torch.device, amp: torch.dtype | None):
@@ -211,17 +211,19 @@ def _train(run: RunConfig, out: Path, resume: bool, quiet: bool, d: distributed.
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = loader.next_batch()
-            sums = torch.zeros(4, dtype=torch.float64)  # loss, ce, aux, z summed over micro batches
-            counts = torch.zeros(n_layers, run.model.n_experts, dtype=torch.float64)
+            # loss, ce, aux, z and routing counts summed over micro batches on the device, reduced over
+            # ranks there (NCCL reduces device tensors only) and copied to the host once per step
+            sums = torch.zeros(4, dtype=torch.float64, device=device)
+            counts = torch.zeros(n_layers, run.model.n_experts, dtype=torch.float64, device=device)
             for i in range(accum):
                 xb, yb = x[i * m:(i + 1) * m].to(device), y[i * m:(i + 1) * m].to(device)
                 with distributed.no_sync(model, i == accum - 1), _autocast(device, amp):
                     outp = model(xb, yb)
                     (outp.loss / accum).backward()
-                sums += torch.stack([outp.loss.detach(), outp.ce_loss.detach(), outp.aux_loss.detach(), outp.z_loss.detach()]).double().cpu()
-                counts += torch.stack([c.double().cpu() for c in outp.tokens_per_expert])
-            stats = distributed.all_reduce_sum(sums / accum, d) / d.world_size
-            counts = distributed.all_reduce_sum(counts, d)
+                sums += torch.stack([outp.loss.detach(), outp.ce_loss.detach(), outp.aux_loss.detach(), outp.z_loss.detach()]).double()
+                counts += torch.stack(outp.tokens_per_expert).double()
+            stats = (distributed.all_reduce_sum(sums / accum, d) / d.world_size).cpu()
+            counts = distributed.all_reduce_sum(counts, d).cpu()
             loss = float(stats[0])
             if not math.isfinite(loss):
                 raise TrainingDiverged(
