@@ -155,7 +155,23 @@ def test_loglikelihood_rolling_and_model_object(checkpoint):
     (ref,) = loglikelihood_rolling(model, ByteTokenizer(), [text])
     assert lp == pytest.approx(ref.logprob) and lp < 0
     from_path = MoelabLM.create_from_arg_string(f"path={checkpoint},max_length=64", {"batch_size": 2, "device": None})
-    assert from_path.batch_size == 2 and from_path.max_length == 64
+    assert from_path.batch_size == 2 and from_path.max_length == 64 and from_path.compile is False
+
+
+def test_compile_model_arg_reaches_generate(checkpoint, monkeypatch):
+    import sys
+
+    from lm_eval.api.instance import Instance
+
+    from moelab.eval.lm_eval import MoelabLM
+
+    lm = MoelabLM.create_from_arg_string(f"path={checkpoint},compile=true")
+    assert lm.compile is True
+    monkeypatch.setattr(sys.modules["moelab.eval.generate"], "compiled_decode_step", lambda m: m.decode_step)
+    reqs = [Instance(request_type="generate_until", doc={}, arguments=(p, {"until": ["\n"], "max_gen_toks": 8}), idx=i)
+            for i, p in enumerate(["Let a = 3.", "Question: 1 + 1?"])]
+    plain = MoelabLM(model=lm.model, tokenizer=lm.tokenizer)
+    assert lm.generate_until(reqs) == plain.generate_until(reqs)
 
 
 def test_bad_model_args(tmp_path):
@@ -166,3 +182,5 @@ def test_bad_model_args(tmp_path):
         MoelabLM.create_from_arg_string(f"path={tmp_path / 'nope'}")
     with pytest.raises(MoelabError, match="exactly one of path"):
         MoelabLM()
+    with pytest.raises(MoelabError, match="compile must be true or false"):
+        MoelabLM.create_from_arg_string(f"path={tmp_path},compile=maybe")

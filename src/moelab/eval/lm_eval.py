@@ -9,7 +9,8 @@ Importing this module registers the model::
 ``model_args``: ``path`` (moelab checkpoint, run directory or Mixtral directory), optional
 ``tokenizer`` (see :mod:`moelab.eval.loading`), ``batch_size`` (int; ``auto`` means 16), ``device``
 (default cpu), ``max_length`` (default the model's ``max_seq_len``), ``max_gen_toks`` (default 256),
-``seed`` (sampling seed). A loaded model can be wrapped directly: ``MoelabLM(model=m, tokenizer=t)``.
+``seed`` (sampling seed), ``compile`` (true: generate through the compiled decode step, see
+:func:`moelab.eval.generate.generate`). A loaded model can be wrapped directly: ``MoelabLM(model=m, tokenizer=t)``.
 
 The three request types run on :mod:`moelab.eval.generate` and :mod:`moelab.eval.loglikelihood`,
 which reproduce lm-eval's Hugging Face model: the same tokenisation of (context, continuation), left
@@ -50,6 +51,17 @@ def _as_int(value: Any, name: str, default: int) -> int:
         raise ConfigError(f"lm-eval model_args: {name} must be an integer, got {value!r}") from None
 
 
+def _as_bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise ConfigError(f"lm-eval model_args: {name} must be true or false, got {value!r}")
+
+
 @register_model("moelab")
 class MoelabLM(LM):
     """lm-eval ``LM`` backed by a moelab model (``loglikelihood``, ``loglikelihood_rolling``, ``generate_until``)."""
@@ -65,11 +77,13 @@ class MoelabLM(LM):
         max_length: int | str | None = None,
         max_gen_toks: int | str = DEFAULT_MAX_GEN_TOKS,
         seed: int | str = 0,
+        compile: bool | str = False,
         **unused: Any,
     ) -> None:
         super().__init__()
         if (path is None) == (model is None):
             raise ConfigError("the moelab lm-eval model needs exactly one of path=... or model=...")
+        compile_decode = _as_bool(compile, "compile")  # checked before a model is loaded
         device = device or "cpu"
         if model is None:
             from .loading import load_for_eval
@@ -89,6 +103,7 @@ class MoelabLM(LM):
         self.max_length = _as_int(max_length, "max_length", model.config.max_seq_len)
         self.max_gen_toks = _as_int(max_gen_toks, "max_gen_toks", DEFAULT_MAX_GEN_TOKS)
         self.seed = _as_int(seed, "seed", 0)
+        self.compile = compile_decode
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "MoelabLM":
@@ -141,6 +156,7 @@ class MoelabLM(LM):
                 sample_ids=indices,
                 batch_size=self.batch_size,
                 max_length=self.max_length,
+                compile=self.compile,
             )
             for i, g in zip(indices, gens):
                 results[i] = g.text
