@@ -387,3 +387,23 @@ def test_bf16_autocast_training_with_unaligned_expert_width():
     with torch.no_grad():
         ref, _ = moe(x)
     torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("E,k,T", [(8, 2, 16), (4, 2, 3), (8, 2, 200)])
+def test_decode_batch_all_dense_matches_naive(E, k, T, monkeypatch):
+    """Inference with more slots than few experts runs every expert on every token; large products
+    (here T = 200 with a lowered budget) keep the grouped path. Both equal the reference."""
+    import moelab.model.moe as moe_module
+
+    monkeypatch.setattr(moe_module, "DENSE_DECODE_MAX_MACS", 100_000)
+    used = []
+    real = moe_module.experts_all_dense
+    monkeypatch.setattr(moe_module, "experts_all_dense", lambda *a: used.append(1) or real(*a))
+    moe = make_moe(E, k, backend="grouped_mm")
+    x = torch.randn(T, 16)
+    with torch.no_grad():
+        y, _ = moe(x, with_losses=False)
+        moe.set_backend("naive")
+        ref, _ = moe(x, with_losses=False)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    assert bool(used) == (T * E * 3 * 12 * 16 <= 100_000)

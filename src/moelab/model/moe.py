@@ -25,7 +25,10 @@ Dispatch backends (selected by ``ModelConfig.moe_backend``), all numerically equ
   and runs two batched matmuls instead (``experts_gathered``): no sort, no per-expert groups; on CPU
   up to ``DECODE_LOOP_MAX_SLOTS`` slots (more when an expert's weights are large, see
   :func:`_use_per_slot`) run one matmul pair each on the weights in place (``experts_per_slot``),
-  which avoids copying weights.
+  which avoids copying weights. Without autograd, with more slots than experts but few experts
+  (``E <= 4 k``) and a small product (a decoding batch), every expert runs on every token in two
+  batched matmuls (``experts_all_dense``): the same weights read, a few kernels instead of two per expert.
+  ``MoE(..., static_shapes=True)`` (the compiled decode step) uses :func:`experts_static`.
 * ``loop`` -- the same sort, then a Python loop of plain matmuls over per-expert slices (works on any
   torch; synchronises once to read the group sizes).
 * ``naive`` -- the reference for tests: every expert on every token, weighted by a dense ``[T, E]``
@@ -397,6 +400,8 @@ def experts_grouped_mm(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> to
         if _use_per_slot(x_TD, w_gate_up_E2FD, routing):
             return experts_per_slot(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
         return experts_gathered(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
+    if not torch.is_grad_enabled() and _use_all_dense(w_gate_up_E2FD, routing):
+        return experts_all_dense(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
     dtype = _compute_dtype(x_TD)
     plan = DispatchPlan.from_routing(routing)
     if not _use_index_add(x_TD):
@@ -422,8 +427,17 @@ def experts_grouped_mm(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> to
     return out_TD.to(x_TD.dtype)
 
 
-STATIC_DENSE_MAX_EXPERTS_PER_K = 4  # static decode: every expert on every token when E <= 4 k ...
-STATIC_DENSE_MAX_MACS = 1 << 24  # ... and that is at most this many multiply-adds (tuned on tiny / small)
+DENSE_DECODE_MAX_EXPERTS_PER_K = 4  # inference: every expert on every token when E <= 4 k ...
+DENSE_DECODE_MAX_MACS = 1 << 24  # ... and that is at most this many multiply-adds (tuned on tiny / small)
+
+
+def _use_all_dense(w_gate_up_E2FD: torch.Tensor, routing: Routing) -> bool:
+    """A decoding batch with more slots than experts, few experts, and a small all-experts product."""
+    n_tokens, top_k = routing.expert_TK.shape
+    n_experts = w_gate_up_E2FD.shape[0]
+    dense_macs = n_tokens * w_gate_up_E2FD.numel() * 3 // 2
+    return (n_tokens * top_k > n_experts and n_experts <= DENSE_DECODE_MAX_EXPERTS_PER_K * top_k
+            and dense_macs <= DENSE_DECODE_MAX_MACS)
 
 
 def experts_all_dense(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.Tensor:
@@ -450,9 +464,7 @@ def experts_static(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.
     n_slots, n_experts = routing.expert_TK.numel(), w_gate_up_E2FD.shape[0]
     if n_slots <= n_experts or not _HAS_GROUPED_MM:
         return experts_gathered(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
-    n_tokens, top_k = routing.expert_TK.shape
-    dense_macs = n_tokens * w_gate_up_E2FD.numel() * 3 // 2
-    if n_experts <= STATIC_DENSE_MAX_EXPERTS_PER_K * top_k and dense_macs <= STATIC_DENSE_MAX_MACS:
+    if _use_all_dense(w_gate_up_E2FD, routing):
         return experts_all_dense(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
     dtype = _compute_dtype(x_TD)
     plan = DispatchPlan.from_routing(routing)
