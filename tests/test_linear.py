@@ -17,14 +17,14 @@ def packed_always(monkeypatch):
     monkeypatch.setattr(linear_module, "PACK_MIN_BYTES", 0)
 
 
-def calls(monkeypatch) -> list[int]:
-    """Count the packed multiplies."""
-    seen: list[int] = []
+def calls(monkeypatch) -> list[str]:
+    """Record the layout of every packed multiply."""
+    seen: list[str] = []
     real = linear_module._packed_weight
 
-    def counting(w):
-        seen.append(1)
-        return real(w)
+    def counting(w, layout="nk"):
+        seen.append(layout)
+        return real(w, layout)
 
     monkeypatch.setattr(linear_module, "_packed_weight", counting)
     return seen
@@ -59,7 +59,7 @@ def test_packed_entries_die_with_their_weight(packed_always):
     lin = Linear(32, 48)
     with torch.no_grad():
         lin(torch.randn(2, 32))
-    key = id(lin.weight)
+    key = (id(lin.weight), "nk")
     assert key in linear_module._PACKED
     del lin
     import gc
@@ -91,3 +91,16 @@ def test_packed_linear_compiles_as_one_op(packed_always):
         torch.testing.assert_close(fn(x), 2 * F.linear(x, lin.weight), rtol=1e-5, atol=1e-5)
         lin.weight.add_(1.0)
         torch.testing.assert_close(fn(x), 2 * F.linear(x, lin.weight), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["experts_gate_up", "experts_down"])
+def test_expert_layouts(packed_always, monkeypatch, layout):
+    """All experts in one product: ``[E, 2F, D]`` as ``[E*2F, D]`` and ``[E, D, F]`` as ``[D, E*F]``."""
+    w = torch.randn(4, 6, 5)
+    x = torch.randn(3, 5 if layout == "experts_gate_up" else 4 * 5)
+    want = torch.cat([x @ w[e].T for e in range(4)], dim=1) if layout == "experts_gate_up" else sum(
+        x[:, 5 * e : 5 * (e + 1)] @ w[e].T for e in range(4))
+    with torch.no_grad():
+        torch.testing.assert_close(linear_module.packed_linear(x, w, layout), want, rtol=1e-5, atol=1e-5)
+        w.mul_(-1)  # the derived packed copy follows the weight too
+        torch.testing.assert_close(linear_module.packed_linear(x, w, layout), -want, rtol=1e-5, atol=1e-5)

@@ -389,13 +389,20 @@ def test_bf16_autocast_training_with_unaligned_expert_width():
     torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.05)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("E,k,T", [(8, 2, 16), (4, 2, 3), (8, 2, 200)])
-def test_decode_batch_all_dense_matches_naive(E, k, T, monkeypatch):
-    """Inference with more slots than few experts runs every expert on every token; large products
-    (here T = 200 with a lowered budget) keep the grouped path. Both equal the reference."""
+def test_decode_batch_all_dense_matches_naive(E, k, T, packed, monkeypatch):
+    """Inference with more slots than few experts runs every expert on every token (batched matmuls,
+    or two packed products on CPU); large products (here T = 200 with a lowered budget) keep the
+    grouped path. All equal the reference."""
+    import moelab.model.linear as linear_module
     import moelab.model.moe as moe_module
 
+    if packed:
+        monkeypatch.setattr(linear_module, "PACK_MIN_BYTES", 0)
+
     monkeypatch.setattr(moe_module, "DENSE_DECODE_MAX_MACS", 100_000)
+    monkeypatch.setattr(moe_module, "DENSE_DECODE_MAX_MACS_PACKED", 100_000)
     used = []
     real = moe_module.experts_all_dense
     monkeypatch.setattr(moe_module, "experts_all_dense", lambda *a: used.append(1) or real(*a))

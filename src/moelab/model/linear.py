@@ -25,33 +25,42 @@ from torch import nn
 PACK_MIN_BYTES = 1 << 19
 
 _HAS_PACKED = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-_PACKED: dict[int, tuple["weakref.ref[torch.Tensor]", int, int, torch.Tensor]] = {}  # id(weight) -> packed
+#: How a stored weight becomes the ``[N, K]`` matrix of a product (``x @ matrix.T``):
+#: ``"nk"`` as stored; ``"experts_gate_up"`` ``[E, 2F, D]`` -> ``[E*2F, D]`` (every expert's gate/up rows);
+#: ``"experts_down"`` ``[E, D, F]`` -> ``[D, E*F]`` (a sum over experts of their down projections).
+LAYOUTS = {
+    "nk": lambda w: w,
+    "experts_gate_up": lambda w: w.reshape(-1, w.shape[-1]),
+    "experts_down": lambda w: w.permute(1, 0, 2).reshape(w.shape[1], -1),
+}
+_PACKED: dict[tuple[int, str], tuple["weakref.ref[torch.Tensor]", int, int, torch.Tensor]] = {}
 
 
-def _packed_weight(w_NK: torch.Tensor) -> torch.Tensor:
-    """The oneDNN-packed copy of ``w``, made again when ``w`` was modified in place or re-allocated.
-    Entries die with their weight."""
-    key = id(w_NK)
+def _packed_weight(w: torch.Tensor, layout: str = "nk") -> torch.Tensor:
+    """The oneDNN-packed copy of ``LAYOUTS[layout](w)``, made again when ``w`` was modified in place or
+    re-allocated. Entries die with their weight."""
+    key = (id(w), layout)
     hit = _PACKED.get(key)
-    if hit is not None and hit[0]() is w_NK and hit[1] == w_NK._version and hit[2] == w_NK.data_ptr():
+    if hit is not None and hit[0]() is w and hit[1] == w._version and hit[2] == w.data_ptr():
         return hit[3]
-    packed = torch.ops.mkldnn._reorder_linear_weight(w_NK.detach().contiguous(), 16)
-    _PACKED[key] = (weakref.ref(w_NK, lambda _, key=key: _PACKED.pop(key, None)), w_NK._version, w_NK.data_ptr(), packed)
+    packed = torch.ops.mkldnn._reorder_linear_weight(LAYOUTS[layout](w.detach()).contiguous(), 16)
+    _PACKED[key] = (weakref.ref(w, lambda _, key=key: _PACKED.pop(key, None)), w._version, w.data_ptr(), packed)
     return packed
 
 
 @torch.library.custom_op("moelab::packed_linear", mutates_args=())
-def packed_linear(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
-    """``x @ w.T`` through the cached packed copy of ``w`` (CPU, no autograd)."""
-    return torch.ops.mkldnn._linear_pointwise(x_MK, _packed_weight(w_NK), None, "none", [], "")
+def packed_linear(x_MK: torch.Tensor, w: torch.Tensor, layout: str = "nk") -> torch.Tensor:
+    """``x @ LAYOUTS[layout](w).T`` through the cached packed copy (CPU, no autograd)."""
+    return torch.ops.mkldnn._linear_pointwise(x_MK, _packed_weight(w, layout), None, "none", [], "")
 
 
 @packed_linear.register_fake
-def _(x_MK, w_NK):
-    return x_MK.new_empty(*x_MK.shape[:-1], w_NK.shape[0])
+def _(x_MK, w, layout="nk"):
+    n_out = {"nk": w.shape[0], "experts_gate_up": w.shape[0] * w.shape[1], "experts_down": w.shape[1]}[layout]
+    return x_MK.new_empty(*x_MK.shape[:-1], n_out)
 
 
-def use_packed(x: torch.Tensor, w_NK: torch.Tensor) -> bool:
+def use_packed(x: torch.Tensor, w_NK: torch.Tensor) -> bool:  # w_NK: any stored weight, by its size
     """Inference on CPU in fp32 with a weight of at least :data:`PACK_MIN_BYTES`."""
     return (
         _HAS_PACKED

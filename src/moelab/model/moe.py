@@ -26,8 +26,9 @@ Dispatch backends (selected by ``ModelConfig.moe_backend``), all numerically equ
   up to ``DECODE_LOOP_MAX_SLOTS`` slots (more when an expert's weights are large, see
   :func:`_use_per_slot`) run one matmul pair each on the weights in place (``experts_per_slot``),
   which avoids copying weights. Without autograd, with more slots than experts but few experts
-  (``E <= 4 k``) and a small product (a decoding batch), every expert runs on every token in two
-  batched matmuls (``experts_all_dense``): the same weights read, a few kernels instead of two per expert.
+  (``E <= 4 k``, or ``8 k`` through packed CPU products) and a small product (a decoding batch), every
+  expert runs on every token (``experts_all_dense``): about the same weights read (most experts are
+  touched), in two products instead of two per expert.
   ``MoE(..., static_shapes=True)`` (the compiled decode step) uses :func:`experts_static`.
 * ``loop`` -- the same sort, then a Python loop of plain matmuls over per-expert slices (works on any
   torch; synchronises once to read the group sizes).
@@ -48,6 +49,7 @@ from torch.autograd.function import once_differentiable
 
 from ..config import ModelConfig
 from .grouped_mm import grouped_linear
+from .linear import packed_linear, use_packed
 from .losses import load_balancing_loss, router_z_loss
 from .swiglu import weighted_swiglu, weighted_swiglu_backward, weighted_swiglu_forward
 
@@ -400,7 +402,7 @@ def experts_grouped_mm(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> to
         if _use_per_slot(x_TD, w_gate_up_E2FD, routing):
             return experts_per_slot(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
         return experts_gathered(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
-    if not torch.is_grad_enabled() and _use_all_dense(w_gate_up_E2FD, routing):
+    if not torch.is_grad_enabled() and _use_all_dense(x_TD, w_gate_up_E2FD, w_down_EDF, routing):
         return experts_all_dense(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
     dtype = _compute_dtype(x_TD)
     plan = DispatchPlan.from_routing(routing)
@@ -427,17 +429,24 @@ def experts_grouped_mm(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> to
     return out_TD.to(x_TD.dtype)
 
 
-DENSE_DECODE_MAX_EXPERTS_PER_K = 4  # inference: every expert on every token when E <= 4 k ...
-DENSE_DECODE_MAX_MACS = 1 << 24  # ... and that is at most this many multiply-adds (tuned on tiny / small)
+# Inference: every expert on every token when there are more routing slots than experts, E <= this many
+# times k, and the all-experts product has at most this many multiply-adds -- through batched matmuls,
+# or through two packed CPU products (efficient at a decoding batch's few rows, so it affords more).
+# Tuned on the benchmark models at batch 16 (tiny / small / small-e64 / vocab32k).
+DENSE_DECODE_MAX_EXPERTS_PER_K, DENSE_DECODE_MAX_MACS = 4, 1 << 24
+DENSE_DECODE_MAX_EXPERTS_PER_K_PACKED, DENSE_DECODE_MAX_MACS_PACKED = 8, 1 << 27
 
 
-def _use_all_dense(w_gate_up_E2FD: torch.Tensor, routing: Routing) -> bool:
+def _use_all_dense(x_TD: torch.Tensor, w_gate_up_E2FD: torch.Tensor, w_down_EDF: torch.Tensor, routing: Routing) -> bool:
     """A decoding batch with more slots than experts, few experts, and a small all-experts product."""
     n_tokens, top_k = routing.expert_TK.shape
     n_experts = w_gate_up_E2FD.shape[0]
     dense_macs = n_tokens * w_gate_up_E2FD.numel() * 3 // 2
-    return (n_tokens * top_k > n_experts and n_experts <= DENSE_DECODE_MAX_EXPERTS_PER_K * top_k
-            and dense_macs <= DENSE_DECODE_MAX_MACS)
+    if use_packed(x_TD, w_down_EDF):
+        per_k, budget = DENSE_DECODE_MAX_EXPERTS_PER_K_PACKED, DENSE_DECODE_MAX_MACS_PACKED
+    else:
+        per_k, budget = DENSE_DECODE_MAX_EXPERTS_PER_K, DENSE_DECODE_MAX_MACS
+    return n_tokens * top_k > n_experts and n_experts <= per_k * top_k and dense_macs <= budget
 
 
 def experts_all_dense(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.Tensor:
@@ -446,8 +455,13 @@ def experts_all_dense(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> tor
     reads the same weights as the grouped path, in a few kernels instead of two per expert."""
     dtype = _compute_dtype(x_TD)
     n_tokens, n_experts = routing.probs_TE.shape
-    weight_ET = torch.zeros(n_tokens, n_experts, dtype=torch.float32, device=x_TD.device)
-    weight_ET = weight_ET.scatter(1, routing.expert_TK, routing.weight_TK).t()
+    weight_TE = torch.zeros(n_tokens, n_experts, dtype=torch.float32, device=x_TD.device)
+    weight_TE = weight_TE.scatter(1, routing.expert_TK, routing.weight_TK)
+    if use_packed(x_TD, w_down_EDF):  # CPU fp32, both big enough: two packed products, the second sums over experts
+        h_TE2F = packed_linear(x_TD, w_gate_up_E2FD, "experts_gate_up").view(n_tokens, n_experts, -1)
+        a_TEF = _swiglu(h_TE2F) * weight_TE.unsqueeze(-1)
+        return packed_linear(a_TEF.reshape(n_tokens, -1), w_down_EDF, "experts_down")
+    weight_ET = weight_TE.t()
     h_ET2F = torch.matmul(x_TD.to(dtype), w_gate_up_E2FD.to(dtype).transpose(1, 2))
     gate_ETF, up_ETF = h_ET2F.chunk(2, dim=-1)
     a_ETF = ((F.silu(gate_ETF) * up_ETF).float() * weight_ET.unsqueeze(-1)).to(dtype)
@@ -458,13 +472,13 @@ def experts_all_dense(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> tor
 def experts_static(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.Tensor:
     """Inference dispatch with no host synchronisation and shapes fixed by ``T`` and ``K`` alone (for a
     compiled decode step). With at most ``E`` slots (or without ``grouped_mm``): the gathered-weights
-    path, which reads only the selected experts; with few experts (``E <= 4 k``) and a small product:
-    every expert on every token (:func:`experts_all_dense`); otherwise: one sort, a gather, two grouped
+    path, which reads only the selected experts; with few experts and a small product: every expert on
+    every token (:func:`experts_all_dense`, see :func:`_use_all_dense`); otherwise: one sort, a gather, two grouped
     matmuls whose group ends come from ``searchsorted`` on the device, and the deterministic combine."""
     n_slots, n_experts = routing.expert_TK.numel(), w_gate_up_E2FD.shape[0]
     if n_slots <= n_experts or not _HAS_GROUPED_MM:
         return experts_gathered(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
-    if _use_all_dense(w_gate_up_E2FD, routing):
+    if _use_all_dense(x_TD, w_gate_up_E2FD, w_down_EDF, routing):
         return experts_all_dense(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
     dtype = _compute_dtype(x_TD)
     plan = DispatchPlan.from_routing(routing)
