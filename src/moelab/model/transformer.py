@@ -83,6 +83,18 @@ class KVCache:
         self.values = [v[batch_index] for v in self.values]
 
 
+@torch.library.custom_op("moelab::materialize", mutates_args=())
+def materialize(x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` that ``torch.compile`` cannot fuse into its consumers (an opaque op): forces the
+    compiler to compute ``x`` once instead of inlining its producer into every use."""
+    return x.clone()
+
+
+@materialize.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -115,17 +127,24 @@ class Attention(nn.Module):
     def decode_step(self, x_B1D, cos, sin, keys_BGCd, values_BGCd, slot_1, mask_B11S, n_slots) -> torch.Tensor:
         """One query per row: write its key/value into cache slot ``slot_1`` (a 1-element tensor) and
         attend over the first ``n_slots`` slots of the cache buffers (capacity ``C``), masked by
-        ``mask_B11S`` (True = attend)."""
-        B = x_B1D.shape[0]
+        ``mask_B11S`` (True = attend).
+
+        Attention is written out as products and sums rather than ``scaled_dot_product_attention``,
+        whose CPU kernel costs ~100 us per call at this size: compiled, the two single-query products
+        become fused reductions. Their inputs (the rotated queries, the probabilities) are
+        :func:`materialize`-d first; otherwise the compiler would recompute RoPE for every key and the
+        softmax for every channel inside those reductions."""
+        B, G, _, Hd = keys_BGCd.shape
         q_BH1d, k_BG1d, v_BG1d = self._qkv(x_B1D, cos, sin)
         keys_BGCd.index_copy_(2, slot_1, k_BG1d.to(keys_BGCd.dtype))
         values_BGCd.index_copy_(2, slot_1, v_BG1d.to(values_BGCd.dtype))
-        keys_BGSd, values_BGSd = keys_BGCd[:, :, :n_slots], values_BGCd[:, :, :n_slots]
-        o_BH1d = F.scaled_dot_product_attention(
-            q_BH1d, keys_BGSd.to(q_BH1d.dtype), values_BGSd.to(q_BH1d.dtype), attn_mask=mask_B11S,
-            enable_gqa=self.n_heads != self.n_kv_heads,
-        )
-        return self.wo(o_BH1d.transpose(1, 2).reshape(B, 1, -1))
+        keys_BGSd = keys_BGCd[:, :, :n_slots].to(q_BH1d.dtype)
+        values_BGSd = values_BGCd[:, :, :n_slots].to(q_BH1d.dtype)
+        q_BGRd = materialize(q_BH1d.reshape(B, G, self.n_heads // G, Hd))  # R query heads per key/value head
+        scores_BGRS = (q_BGRd.unsqueeze(-2) * keys_BGSd.unsqueeze(2)).sum(dim=-1).float() * Hd**-0.5
+        probs_BGRS = materialize(scores_BGRS.masked_fill(~mask_B11S, float("-inf")).softmax(dim=-1).to(q_BGRd.dtype))
+        o_BGRd = (probs_BGRS.unsqueeze(-1) * values_BGSd.unsqueeze(2)).sum(dim=-2)
+        return self.wo(o_BGRd.reshape(B, 1, -1))
 
     def forward(self, x_BTD, cos, sin, cache: KVCache | None, layer: int, mask_BTS: torch.Tensor | None):
         B, T, _ = x_BTD.shape
