@@ -43,6 +43,12 @@ def test_train_bpe_and_hf_round_trip(tmp_path):
     assert tok.eos_id not in tok.encode(TEXT)
     saved = tok.save(tmp_path / "copy")
     assert load_tokenizer(saved) == tok
+    # the EOS text is public (generation adds it to the stop strings, as lm-eval does)
+    from moelab.eval.generate import stop_strings
+
+    assert tok.eos_token == "<|endoftext|>" and ByteTokenizer().eos_token is None
+    assert stop_strings(["\n\n"], tok) == ("\n\n", "<|endoftext|>")
+    assert stop_strings(["\n\n"], ByteTokenizer()) == ("\n\n",)
 
 
 def test_train_bpe_errors(tmp_path):

@@ -5,6 +5,7 @@ Both expose the same small interface::
     encode(text) -> list[int]      # no special tokens are added
     decode(ids) -> str             # special tokens are dropped
     eos_id: int                    # document separator in token shards
+    eos_token: str | None          # its text (e.g. "</s>"), None when it has none (the byte tokenizer)
     vocab_size: int                # number of ids the model's embedding must cover
     descriptor() -> dict           # JSON identity written into shard manifests
     save(directory) -> Path        # makes ``load_tokenizer(directory)`` return an equal tokenizer
@@ -36,6 +37,7 @@ class ByteTokenizer:
     """UTF-8 bytes as tokens: ids 0..255 are bytes, 256 is eos."""
 
     eos_id = 256
+    eos_token = None  # eos has no text form: it decodes to nothing
     vocab_size = 257
     spec = "byte"
 
@@ -83,6 +85,7 @@ class HFTokenizer:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DataError(f"{self.path}: cannot load tokenizer ({first}); pass a valid tokenizer.json") from None
         self.eos_id = self._find_eos()
+        self.eos_token = self._tok.id_to_token(self.eos_id) or None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.spec = str(self.path)
 

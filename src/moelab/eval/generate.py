@@ -61,13 +61,9 @@ class Generation:
 
 
 def eos_string(tokenizer) -> str | None:
-    """The text of the tokenizer's EOS token (e.g. ``"</s>"``), or ``None`` when it has no text form
-    (the byte tokenizer's EOS decodes to nothing)."""
-    inner = getattr(tokenizer, "_tok", None)  # HFTokenizer wraps a ``tokenizers.Tokenizer``
-    if inner is not None:
-        text = inner.id_to_token(tokenizer.eos_id)
-        return text or None
-    return None
+    """The text of the tokenizer's EOS token (e.g. ``"</s>"``; its ``eos_token``, as on moelab's and
+    transformers' tokenizers), or ``None`` when it has no text form (the byte tokenizer's EOS)."""
+    return getattr(tokenizer, "eos_token", None) or None
 
 
 def stop_strings(stop: Sequence[str], tokenizer) -> tuple[str, ...]:
