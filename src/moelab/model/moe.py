@@ -180,9 +180,9 @@ def experts_gathered(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torc
     n_tokens, top_k = routing.expert_TK.shape
     expert_S = routing.expert_TK.reshape(-1)
     x_S1D = x_TD.to(dtype).repeat_interleave(top_k, dim=0).unsqueeze(1)
-    h_S12F = torch.bmm(x_S1D, w_gate_up_E2FD.to(dtype)[expert_S].transpose(1, 2))
+    h_S12F = torch.bmm(x_S1D, w_gate_up_E2FD[expert_S].to(dtype).transpose(1, 2))  # cast only what is read
     a_S1F = _weighted_swiglu(h_S12F.squeeze(1), routing.weight_TK.reshape(-1)).unsqueeze(1)
-    y_SD = torch.bmm(a_S1F, w_down_EDF.to(dtype)[expert_S].transpose(1, 2)).squeeze(1)
+    y_SD = torch.bmm(a_S1F, w_down_EDF[expert_S].to(dtype).transpose(1, 2)).squeeze(1)
     return y_SD.view(n_tokens, top_k, -1).float().sum(dim=1).to(x_TD.dtype)
 
 
@@ -374,13 +374,13 @@ def experts_per_slot(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torc
     experts one by one, in the fewest kernels (called without autograd)."""
     dtype, out_dtype = _compute_dtype(x_TD), x_TD.dtype
     x_TD_c = x_TD.to(dtype)
-    w_gate_up, w_down = w_gate_up_E2FD.to(dtype), w_down_EDF.to(dtype)
+    w_gate_up, w_down = w_gate_up_E2FD, w_down_EDF  # each used expert is cast alone (autocast)
     rows = []
     for t, (experts, weight_K) in enumerate(zip(routing.expert_TK.tolist(), routing.weight_TK.unbind(0))):
         x_1D, acc_1D = x_TD_c[t : t + 1], None
         for j, e in enumerate(experts):
-            a_1F = weighted_swiglu_forward(F.linear(x_1D, w_gate_up[e]), weight_K[j : j + 1])
-            y_1D = F.linear(a_1F, w_down[e]).float()
+            a_1F = weighted_swiglu_forward(F.linear(x_1D, w_gate_up[e].to(dtype)), weight_K[j : j + 1])
+            y_1D = F.linear(a_1F, w_down[e].to(dtype)).float()
             acc_1D = y_1D if acc_1D is None else acc_1D.add_(y_1D)
         rows.append(acc_1D)
     if not rows:
