@@ -364,7 +364,7 @@ def _use_per_slot(x_TD: torch.Tensor, w_gate_up_E2FD: torch.Tensor, routing: Rou
     if x_TD.device.type != "cpu":
         return False
     n_slots = routing.expert_TK.numel()
-    expert_bytes = 3 * w_gate_up_E2FD[0].numel() // 2 * w_gate_up_E2FD.element_size()
+    expert_bytes = 3 * w_gate_up_E2FD.shape[1] * w_gate_up_E2FD.shape[2] // 2 * w_gate_up_E2FD.element_size()
     return n_slots <= DECODE_LOOP_MAX_SLOTS or (n_slots <= DECODE_LOOP_MAX_SLOTS_WIDE and expert_bytes > DECODE_GATHER_MAX_BYTES)
 
 
@@ -374,13 +374,14 @@ def experts_per_slot(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torc
     experts one by one, in the fewest kernels (called without autograd)."""
     dtype, out_dtype = _compute_dtype(x_TD), x_TD.dtype
     x_TD_c = x_TD.to(dtype)
-    w_gate_up, w_down = w_gate_up_E2FD, w_down_EDF  # each used expert is cast alone (autocast)
     rows = []
-    for t, (experts, weight_K) in enumerate(zip(routing.expert_TK.tolist(), routing.weight_TK.unbind(0))):
+    # the routing weights as Python floats (exact fp32 values): a half-precision activation times a
+    # Python scalar is computed in fp32, so the weight is still applied in fp32, with no tensor ops
+    for t, (experts, weights) in enumerate(zip(routing.expert_TK.tolist(), routing.weight_TK.tolist())):
         x_1D, acc_1D = x_TD_c[t : t + 1], None
-        for j, e in enumerate(experts):
-            a_1F = weighted_swiglu_forward(F.linear(x_1D, w_gate_up[e].to(dtype)), weight_K[j : j + 1])
-            y_1D = F.linear(a_1F, w_down[e].to(dtype)).float()
+        for e, w in zip(experts, weights):
+            gate_1F, up_1F = F.linear(x_1D, w_gate_up_E2FD[e].to(dtype)).chunk(2, dim=-1)  # cast only this expert
+            y_1D = F.linear(F.silu(gate_1F).mul_(up_1F).mul_(w), w_down_EDF[e].to(dtype)).float()
             acc_1D = y_1D if acc_1D is None else acc_1D.add_(y_1D)
         rows.append(acc_1D)
     if not rows:
@@ -532,10 +533,10 @@ def _experts_fn(backend: str):
 @dataclass
 class MoEAux:
     """Per-layer auxiliary outputs: weighted losses and routing statistics (no gradient in stats).
-    ``tokens_per_expert_E`` is None when the layer ran without losses (decoding)."""
+    All three are None when the layer ran without losses (decoding); a dense layer has zero losses."""
 
-    aux_loss: torch.Tensor
-    z_loss: torch.Tensor
+    aux_loss: torch.Tensor | None
+    z_loss: torch.Tensor | None
     tokens_per_expert_E: torch.Tensor | None
 
 
@@ -562,7 +563,7 @@ class MoE(nn.Module):
         self.backend = backend
 
     def forward(self, x_TD: torch.Tensor, with_losses: bool = True, static_shapes: bool = False) -> tuple[torch.Tensor, MoEAux]:
-        """``with_losses=False`` skips the router losses (returned as zeros), e.g. when decoding.
+        """``with_losses=False`` skips the router losses and counts (returned as None), e.g. when decoding.
         ``static_shapes=True`` (inference only) dispatches without reading anything on the host
         (:func:`experts_static`), so ``torch.compile`` captures the layer as one graph."""
         if self.router is None:  # dense FFN
@@ -575,8 +576,7 @@ class MoE(nn.Module):
         experts = experts_static if static_shapes and self.backend != "naive" else self._experts
         y_TD = experts(x_TD, self.w_gate_up, self.w_down, routing)
         if not with_losses:
-            zero = x_TD.new_zeros((), dtype=torch.float32)
-            return y_TD, MoEAux(zero, zero, None)
+            return y_TD, MoEAux(None, None, None)
         aux = MoEAux(
             aux_loss=load_balancing_loss(routing.probs_TE, routing.tokens_per_expert_E, self.top_k, self.aux_coef),
             z_loss=router_z_loss(routing.logits_TE, self.z_coef),

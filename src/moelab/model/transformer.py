@@ -306,8 +306,9 @@ class MoELM(nn.Module):
         counts = []
         for i, block in enumerate(self.layers):
             x_BTD, aux = block(x_BTD, cos, sin, cache, i, mask_BTS, with_losses)
-            aux_sum = aux_sum + aux.aux_loss
-            z_sum = z_sum + aux.z_loss
+            if aux.aux_loss is not None:  # None when decoding without losses
+                aux_sum = aux_sum + aux.aux_loss
+                z_sum = z_sum + aux.z_loss
             if aux.tokens_per_expert_E is not None:
                 counts.append(aux.tokens_per_expert_E)
         if cache is not None:
