@@ -188,11 +188,11 @@ def test_bad_settings(model, tok, kw, msg):
     dict(n_kv_heads=4, qk_norm="head"),
     dict(qk_norm="full", n_experts=16, top_k=2),  # 8 slots <= 16 experts: gathered-weights dispatch
 ])
-def test_decode_step_equals_cached_forward(kw):
+def test_decode_step_equals_cached_forward(kw, dtype=torch.float32, tol=1e-4):
     """``decode_step`` (static shapes, dynamic cache length) gives the cached forward's logits."""
     from moelab.model.transformer import KVCache
 
-    model = tiny_model(**kw)
+    model = tiny_model(**kw).to(dtype)
     cfg = model.config
     torch.manual_seed(0)
     B, L, steps = 4, 7, 5
@@ -202,7 +202,7 @@ def test_decode_step_equals_cached_forward(kw):
     mask_BS[:, :L] = torch.arange(L)[None] >= pad_B[:, None]
     positions = (torch.arange(L)[None] - pad_B[:, None]).clamp(min=0)
     with torch.no_grad():
-        caches = [KVCache.empty(cfg, B, L + steps) for _ in range(2)]
+        caches = [KVCache.empty(cfg, B, L + steps, dtype=dtype) for _ in range(2)]
         for cache in caches:
             model(prompt, positions=positions, cache=cache, key_padding_mask=mask_BS[:, :L])
         tokens = torch.randint(1, 257, (B,))
@@ -213,10 +213,15 @@ def test_decode_step_equals_cached_forward(kw):
             want = model(tokens[:, None], positions=pos_B[:, None], cache=caches[0], key_padding_mask=mask_BS[:, : slot + 1],
                          logits_to_keep=1).logits[:, -1]
             got = model.decode_step(tokens, pos_B, caches[1], torch.tensor([slot]), mask_BS[:, : slot + 1])
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(got, want, atol=tol, rtol=tol)
             for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
-                torch.testing.assert_close(a[:, :, : slot + 1], b[:, :, : slot + 1])
+                torch.testing.assert_close(a[:, :, : slot + 1], b[:, :, : slot + 1], atol=tol, rtol=tol)
             tokens = want.argmax(-1)
+
+
+def test_decode_step_in_bf16():
+    """A bf16 model: attention in fp32 inside the step, bf16 weights and cache, logits within bf16 rounding."""
+    test_decode_step_equals_cached_forward(dict(), dtype=torch.bfloat16, tol=0.25)  # 2 bf16 ulps at |logit| ~ 8-16
 
 
 @pytest.fixture

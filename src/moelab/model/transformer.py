@@ -138,13 +138,13 @@ class Attention(nn.Module):
         q_BH1d, k_BG1d, v_BG1d = self._qkv(x_B1D, cos, sin)
         keys_BGCd.index_copy_(2, slot_1, k_BG1d.to(keys_BGCd.dtype))
         values_BGCd.index_copy_(2, slot_1, v_BG1d.to(values_BGCd.dtype))
-        keys_BGSd = keys_BGCd[:, :, :n_slots].to(q_BH1d.dtype)
-        values_BGSd = values_BGCd[:, :, :n_slots].to(q_BH1d.dtype)
-        q_BGRd = materialize(q_BH1d.reshape(B, G, self.n_heads // G, Hd))  # R query heads per key/value head
-        scores_BGRS = (q_BGRd.unsqueeze(-2) * keys_BGSd.unsqueeze(2)).sum(dim=-1).float() * Hd**-0.5
-        probs_BGRS = materialize(scores_BGRS.masked_fill(~mask_B11S, float("-inf")).softmax(dim=-1).to(q_BGRd.dtype))
+        # in fp32 whatever the model's dtype (compiled, the casts fuse into the reductions)
+        keys_BGSd, values_BGSd = keys_BGCd[:, :, :n_slots].float(), values_BGCd[:, :, :n_slots].float()
+        q_BGRd = materialize(q_BH1d.reshape(B, G, self.n_heads // G, Hd).float())  # R query heads per key/value head
+        scores_BGRS = (q_BGRd.unsqueeze(-2) * keys_BGSd.unsqueeze(2)).sum(dim=-1) * Hd**-0.5
+        probs_BGRS = materialize(scores_BGRS.masked_fill(~mask_B11S, float("-inf")).softmax(dim=-1))
         o_BGRd = (probs_BGRS.unsqueeze(-1) * values_BGSd.unsqueeze(2)).sum(dim=-2)
-        return self.wo(o_BGRd.reshape(B, 1, -1))
+        return self.wo(o_BGRd.reshape(B, 1, -1).to(x_B1D.dtype))
 
     def forward(self, x_BTD, cos, sin, cache: KVCache | None, layer: int, mask_BTS: torch.Tensor | None):
         B, T, _ = x_BTD.shape
