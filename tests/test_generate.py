@@ -267,3 +267,25 @@ def test_compile_failure_is_a_config_error(monkeypatch, tok):
     monkeypatch.setattr(torch, "compile", broken)
     with pytest.raises(ConfigError, match=r"could not build the decode step \(RuntimeError: InvalidCxxCompiler.*drop --compile"):
         generate(model, tok, ["a"], max_new_tokens=3, compile=True)
+
+
+def test_static_batch_shrinks_by_halving(model, uncompiled_static_step):
+    """Compiled decoding keeps few batch sizes: as rows finish it halves (16 -> 8 -> ...), never to an
+    odd size, and gives the same generations as eager decoding."""
+    tok = ByteTokenizer()
+    prompts = [p + str(i) for i in range(3) for p in PROMPTS][:16]
+    plain = generate(model, tok, prompts, max_new_tokens=40, batch_size=16)
+    from collections import Counter
+
+    eos = Counter(t for g in plain for t in set(g.token_ids[:30])).most_common(1)[0][0]  # in most rows
+    want = generate(model, EosAt(eos), prompts, max_new_tokens=40, batch_size=16)
+    sizes = []
+    hook = model.embed.register_forward_hook(lambda m, i, o: sizes.append(o.shape[0]))
+    try:
+        got = generate(model, EosAt(eos), prompts, max_new_tokens=40, batch_size=16, compile=True)
+    finally:
+        hook.remove()
+    assert got == want
+    assert sum(g.finish_reason == "eos" for g in got) >= 9, "too few rows finish early to shrink the batch"
+    assert sizes[0] == 16 and sizes == sorted(sizes, reverse=True) and sizes[-1] < 16
+    assert set(sizes) <= {16, 8, 4, 2, 1}

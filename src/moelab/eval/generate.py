@@ -209,9 +209,10 @@ def _decode_batch(
     """Decode one batch of (already truncated) prompts. Returns ``(generated ids, finish_reason)`` per row.
 
     Eager (``static_step is None``): finished rows are dropped from the batch. Compiled (``static_step``,
-    e.g. :func:`compiled_decode_step`): the batch keeps its shape -- finished rows stay in it (their
-    tokens are ignored) and the last ``n_padding`` rows are filler that is never decoded; the cache
-    length is the only size that changes, and it is marked dynamic.
+    e.g. :func:`compiled_decode_step`): the batch size changes only by halving -- when at most half the
+    rows are still running it shrinks to the next power of two, finished rows filling it up (their
+    tokens are ignored); the last ``n_padding`` rows are filler that is never decoded. The cache length
+    is marked dynamic, so each batch size compiles once.
     """
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -258,11 +259,18 @@ def _decode_batch(
             keep.append(j)
         if not keep or step + 1 == max_new_tokens:
             break
-        if static_step is None and len(keep) < len(rows):  # drop finished rows: they cost nothing from now on
-            keep_t = torch.tensor(keep, device=device)
+        # drop finished rows: they cost nothing from now on. Compiled, the batch shrinks by powers of two
+        # (each size compiles once), finished rows filling it up; eager, to exactly the running rows.
+        size = len(keep) if static_step is None else 1 << (len(keep) - 1).bit_length()
+        if size < len(rows):
+            kept = set(keep)
+            keep_t = torch.tensor(keep + [j for j in range(len(rows)) if j not in kept][: size - len(keep)], device=device)
             cache.select(keep_t)
             mask_BS, lengths_B, next_B = mask_BS[keep_t], lengths_B[keep_t], next_B[keep_t]
-            rows = [rows[j] for j in keep]
+            rows = [rows[j] for j in keep_t.tolist()]
+            if static_step is not None:
+                for buffer in cache.keys + cache.values:
+                    torch._dynamo.mark_dynamic(buffer, 2)
         slot = L + step
         mask_BS[:, slot] = True
         if static_step is None:
@@ -310,7 +318,7 @@ def generate(
     ``compile=True`` runs every decoding step through ``torch.compile`` with static shapes
     (:meth:`moelab.model.MoELM.decode_step`): the same tokens up to floating-point rounding, several
     times fewer kernel launches per step, at the price of a one-off compilation (seconds per batch
-    size and cache-size bucket). Batches are padded to a fixed size and finished rows stay in the batch.
+    size). Batches are padded to a fixed size; as rows finish the batch shrinks by halving.
     """
     check_sampling(max_new_tokens, temperature, top_p, batch_size)
     if sample_ids is None:
