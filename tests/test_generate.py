@@ -289,3 +289,23 @@ def test_static_batch_shrinks_by_halving(model, uncompiled_static_step):
     assert sum(g.finish_reason == "eos" for g in got) >= 9, "too few rows finish early to shrink the batch"
     assert sizes[0] == 16 and sizes == sorted(sizes, reverse=True) and sizes[-1] < 16
     assert set(sizes) <= {16, 8, 4, 2, 1}
+
+
+def test_compiled_step_belongs_to_its_model(monkeypatch, tok):
+    """A copy of a model gets its own compiled step (never one bound to the original's weights), and
+    the model stays deep-copyable and picklable after compiled generation."""
+    import copy
+    import pickle
+
+    from moelab.eval.generate import compiled_decode_step
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the bookkeeping, not the compiler
+    a = tiny_model()
+    step_a = compiled_decode_step(a)
+    generate(a, tok, ["a"], max_new_tokens=3, compile=True)
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b.lm_head.weight.mul_(-1)
+    assert compiled_decode_step(a) is step_a and compiled_decode_step(b) is not step_a
+    assert generate(b, tok, PROMPTS[:2], max_new_tokens=6, compile=True) == generate(b, tok, PROMPTS[:2], max_new_tokens=6)
+    pickle.dumps(a)

@@ -27,6 +27,7 @@ recomputed every step, the full text checked for stop strings every step. Tests 
 from __future__ import annotations
 
 import hashlib
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Hashable, Sequence
 
@@ -171,11 +172,16 @@ class _StopChecker:
 # --------------------------------------------------------------------------------------------------
 
 
+# model -> its compiled decode step; kept beside the model (not on it), so a deep copy or a pickle of
+# the model never carries a step bound to the original's weights
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def compiled_decode_step(model):
-    """``torch.compile(model.decode_step)``, built once per model and kept on it. :func:`_decode_batch`
+    """``torch.compile(model.decode_step)``, built once per model object. :func:`_decode_batch`
     marks the cache length dynamic, so one graph serves every prompt length and step; it recompiles
     for a new batch size or dtype."""
-    step = getattr(model, "_compiled_decode_step", None)
+    step = _COMPILED.get(model)
     if step is None:
         compiled = torch.compile(model.decode_step, fullgraph=True)
 
@@ -189,7 +195,7 @@ def compiled_decode_step(model):
                     f"torch.compile could not build the decode step ({reason}); generate without compiling (drop --compile / compile=True)"
                 ) from e
 
-        model._compiled_decode_step = step
+        _COMPILED[model] = step
     return step
 
 
