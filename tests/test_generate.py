@@ -212,7 +212,7 @@ def test_decode_step_equals_cached_forward(kw, dtype=torch.float32, tol=1e-4):
             pos_B = L - pad_B + step
             want = model(tokens[:, None], positions=pos_B[:, None], cache=caches[0], key_padding_mask=mask_BS[:, : slot + 1],
                          logits_to_keep=1).logits[:, -1]
-            got = model.decode_step(tokens, pos_B, caches[1], torch.tensor([slot]), mask_BS[:, : slot + 1])
+            got = model.decode_step(tokens, pos_B, caches[1], mask_BS[:, : slot + 1])
             torch.testing.assert_close(got, want, atol=tol, rtol=tol)
             for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
                 torch.testing.assert_close(a[:, :, : slot + 1], b[:, :, : slot + 1], atol=tol, rtol=tol)

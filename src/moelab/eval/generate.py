@@ -290,7 +290,7 @@ def _decode_batch(
             continue
         attend_BS = mask_BS[:, : slot + 1]
         torch._dynamo.mark_dynamic(attend_BS, 1)
-        logits_BV = static_step(next_B, lengths_B + step, cache, torch.tensor([slot], device=device), attend_BS)
+        logits_BV = static_step(next_B, lengths_B + step, cache, attend_BS)
     return [(out[r], reasons[r]) for r in range(B - n_padding)]
 
 

@@ -34,8 +34,7 @@ def _pad(t: torch.Tensor, *sizes: int) -> torch.Tensor:
     return t if not any(pad) else F.pad(t, pad)
 
 
-def _is_aligned(*dims_and_tensor) -> bool:
-    *dims, t = dims_and_tensor
+def _is_aligned(t: torch.Tensor, *dims: int) -> bool:
     return all(_aligned(d, t) == d for d in dims)
 
 
@@ -45,7 +44,7 @@ def _is_aligned(*dims_and_tensor) -> bool:
 @torch.library.custom_op("moelab::grouped_linear", mutates_args=())
 def _grouped_linear(x_SK: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     N, K = w_ENK.shape[1:]
-    if _is_aligned(N, K, x_SK):
+    if _is_aligned(x_SK, N, K):
         return F.grouped_mm(x_SK, w_ENK.transpose(1, 2), offs=offsets_E)
     Np, Kp = _aligned(N, x_SK), _aligned(K, x_SK)
     y = F.grouped_mm(_pad(x_SK, Kp), _pad(w_ENK, Np, Kp).transpose(1, 2), offs=offsets_E)
@@ -60,7 +59,7 @@ def _(x_SK, w_ENK, offsets_E):
 @torch.library.custom_op("moelab::grouped_linear_dx", mutates_args=())
 def _grouped_linear_dx(dy_SN: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     N, K = w_ENK.shape[1:]
-    if _is_aligned(N, K, dy_SN):
+    if _is_aligned(dy_SN, N, K):
         return F.grouped_mm(dy_SN, w_ENK, offs=offsets_E)
     Np, Kp = _aligned(N, dy_SN), _aligned(K, dy_SN)
     return F.grouped_mm(_pad(dy_SN, Np), _pad(w_ENK, Np, Kp), offs=offsets_E)[:, :K].contiguous()
@@ -74,7 +73,7 @@ def _(dy_SN, w_ENK, offsets_E):
 @torch.library.custom_op("moelab::grouped_linear_dw", mutates_args=())
 def _grouped_linear_dw(dy_SN: torch.Tensor, x_SK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     N, K = dy_SN.shape[1], x_SK.shape[1]
-    if _is_aligned(N, K, x_SK):
+    if _is_aligned(x_SK, N, K):
         return F.grouped_mm(dy_SN.t(), x_SK, offs=offsets_E)
     Np, Kp = _aligned(N, x_SK), _aligned(K, x_SK)
     return F.grouped_mm(_pad(dy_SN, Np).t(), _pad(x_SK, Kp), offs=offsets_E)[:, :N, :K].contiguous()
@@ -103,6 +102,6 @@ _grouped_linear.register_autograd(_backward, setup_context=_setup_context)
 
 def grouped_linear(x_SK: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """``[S, K] x [E, N, K] -> [S, N]``: row group ``e`` (ending at ``offsets_E[e]``, int32) times ``w[e].T``."""
-    if x_SK.is_cuda and x_SK.dtype == torch.bfloat16 and _is_aligned(*w_ENK.shape[1:], x_SK):
+    if x_SK.is_cuda and x_SK.dtype == torch.bfloat16 and _is_aligned(x_SK, *w_ENK.shape[1:]):
         return F.grouped_mm(x_SK, w_ENK.transpose(1, 2), offs=offsets_E)
     return _grouped_linear(x_SK, w_ENK, offsets_E)

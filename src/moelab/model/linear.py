@@ -56,8 +56,7 @@ def packed_linear(x_MK: torch.Tensor, w: torch.Tensor, layout: str = "nk") -> to
 
 @packed_linear.register_fake
 def _(x_MK, w, layout="nk"):
-    n_out = {"nk": w.shape[0], "experts_gate_up": w.shape[0] * w.shape[1], "experts_down": w.shape[1]}[layout]
-    return x_MK.new_empty(*x_MK.shape[:-1], n_out)
+    return x_MK.new_empty(*x_MK.shape[:-1], LAYOUTS[layout](w).shape[0])
 
 
 def use_packed(x: torch.Tensor, w_NK: torch.Tensor) -> bool:  # w_NK: any stored weight, by its size

@@ -347,11 +347,11 @@ def _use_blocked_function(x_TD: torch.Tensor, w_gate_up_E2FD: torch.Tensor) -> b
     return not torch.compiler.is_compiling() and _compute_dtype(x_TD) == x_TD.dtype == w_gate_up_E2FD.dtype
 
 
-def _experts_block(x_SD, weight_S, w_gate_up_E2FD, w_down_EDF, counts_E, dtype) -> torch.Tensor:
-    """grouped matmul -> weighted SwiGLU -> grouped matmul for one block of experts."""
-    offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
-    h_S2F = grouped_linear(x_SD, w_gate_up_E2FD.to(dtype), offsets_E)
-    return grouped_linear(_weighted_swiglu(h_S2F, weight_S), w_down_EDF.to(dtype), offsets_E)
+def _experts_block(x_SD, weight_S, w_gate_up_E2FD, w_down_EDF, ends_E, dtype) -> torch.Tensor:
+    """grouped matmul -> weighted SwiGLU -> grouped matmul for one block of experts whose row groups
+    end at ``ends_E`` (int32)."""
+    h_S2F = grouped_linear(x_SD, w_gate_up_E2FD.to(dtype), ends_E)
+    return grouped_linear(_weighted_swiglu(h_S2F, weight_S), w_down_EDF.to(dtype), ends_E)
 
 
 DECODE_LOOP_MAX_SLOTS = 8  # CPU decode: up to this many slots, one matmul pair per slot on weight views ...
@@ -409,7 +409,8 @@ def experts_grouped_mm(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> to
     plan = DispatchPlan.from_routing(routing)
     if not _use_index_add(x_TD):
         x_SD = _gather(x_TD, plan).to(dtype)
-        y_SD = _experts_block(x_SD, plan.weight_S, w_gate_up_E2FD, w_down_EDF, routing.tokens_per_expert_E, dtype)
+        ends_E = torch.cumsum(routing.tokens_per_expert_E, dim=0).to(torch.int32)
+        y_SD = _experts_block(x_SD, plan.weight_S, w_gate_up_E2FD, w_down_EDF, ends_E, dtype)
         return _combine(y_SD, plan, x_TD.dtype)
     row_bytes = w_gate_up_E2FD.shape[1] * torch.empty((), dtype=dtype).element_size()
     counts = routing.tokens_per_expert_E.tolist()
@@ -425,7 +426,7 @@ def experts_grouped_mm(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> to
         w_gate_up_E2FD.split(n_experts), w_down_EDF.split(n_experts), routing.tokens_per_expert_E.split(n_experts), n_rows,
     ):
         if rows:
-            y_SD = _experts_block(x_block, weight_S, w_gu, w_d, counts_E, dtype)
+            y_SD = _experts_block(x_block, weight_S, w_gu, w_d, torch.cumsum(counts_E, dim=0).to(torch.int32), dtype)
             out_TD.index_add_(0, token_S, y_SD.float())
     return out_TD.to(x_TD.dtype)
 
@@ -486,8 +487,7 @@ def experts_static(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.
     expert_S = routing.expert_TK.reshape(-1)[plan.order_S]
     ends_E = torch.searchsorted(expert_S, torch.arange(1, n_experts + 1, device=x_TD.device) - 1, right=True)
     x_SD = _gather(x_TD, plan).to(dtype)
-    h_S2F = grouped_linear(x_SD, w_gate_up_E2FD.to(dtype), ends_E.to(torch.int32))
-    y_SD = grouped_linear(_weighted_swiglu(h_S2F, plan.weight_S), w_down_EDF.to(dtype), ends_E.to(torch.int32))
+    y_SD = _experts_block(x_SD, plan.weight_S, w_gate_up_E2FD, w_down_EDF, ends_E.to(torch.int32), dtype)
     return _combine(y_SD, plan, x_TD.dtype)
 
 

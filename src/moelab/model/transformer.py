@@ -124,10 +124,10 @@ class Attention(nn.Module):
             q_BHTd, k_BGTd = self.q_norm(q_BHTd), self.k_norm(k_BGTd)
         return apply_rope(q_BHTd, cos, sin), apply_rope(k_BGTd, cos, sin), v_BGTd
 
-    def decode_step(self, x_B1D, cos, sin, keys_BGCd, values_BGCd, slot_1, mask_B11S, n_slots) -> torch.Tensor:
-        """One query per row: write its key/value into cache slot ``slot_1`` (a 1-element tensor) and
-        attend over the first ``n_slots`` slots of the cache buffers (capacity ``C``), masked by
-        ``mask_B11S`` (True = attend).
+    def decode_step(self, x_B1D, cos, sin, keys_BGCd, values_BGCd, mask_B11S) -> torch.Tensor:
+        """One query per row: write its key/value into cache slot ``S - 1`` and attend over the first
+        ``S`` slots of the cache buffers (capacity ``C``), masked by ``mask_B11S`` (``[B, 1, 1, S]``,
+        True = attend).
 
         Attention is written out as products and sums rather than ``scaled_dot_product_attention``,
         whose CPU kernel costs ~100 us per call at this size: compiled, the two single-query products
@@ -135,6 +135,8 @@ class Attention(nn.Module):
         :func:`materialize`-d first; otherwise the compiler would recompute RoPE for every key and the
         softmax for every channel inside those reductions."""
         B, G, _, Hd = keys_BGCd.shape
+        n_slots = mask_B11S.shape[-1]
+        slot_1 = torch.arange(n_slots - 1, n_slots, device=keys_BGCd.device)
         q_BH1d, k_BG1d, v_BG1d = self._qkv(x_B1D, cos, sin)
         keys_BGCd.index_copy_(2, slot_1, k_BG1d.to(keys_BGCd.dtype))
         values_BGCd.index_copy_(2, slot_1, v_BG1d.to(values_BGCd.dtype))
@@ -177,9 +179,9 @@ class Block(nn.Module):
         y_TD, aux = self.moe(self.ffn_norm(x_BTD).reshape(B * T, D), with_losses)
         return x_BTD + y_TD.view(B, T, D), aux
 
-    def decode_step(self, x_B1D, cos, sin, keys_BGCd, values_BGCd, slot_1, mask_B11S, n_slots) -> torch.Tensor:
+    def decode_step(self, x_B1D, cos, sin, keys_BGCd, values_BGCd, mask_B11S) -> torch.Tensor:
         """:meth:`forward` for one new token per row (see :meth:`MoELM.decode_step`)."""
-        x_B1D = x_B1D + self.attn.decode_step(self.attn_norm(x_B1D), cos, sin, keys_BGCd, values_BGCd, slot_1, mask_B11S, n_slots)
+        x_B1D = x_B1D + self.attn.decode_step(self.attn_norm(x_B1D), cos, sin, keys_BGCd, values_BGCd, mask_B11S)
         B, _, D = x_B1D.shape
         y_BD, _ = self.moe(self.ffn_norm(x_B1D).reshape(B, D), with_losses=False, static_shapes=True)
         return x_B1D + y_BD.view(B, 1, D)
@@ -240,27 +242,24 @@ class MoELM(nn.Module):
             block.moe.set_backend(backend)
         self.config.moe_backend = backend  # type: ignore[assignment]
 
-    def decode_step(
-        self, input_B: torch.Tensor, positions_B: torch.Tensor, cache: KVCache, slot_1: torch.Tensor, mask_BS: torch.Tensor
-    ) -> torch.Tensor:
+    def decode_step(self, input_B: torch.Tensor, positions_B: torch.Tensor, cache: KVCache, mask_BS: torch.Tensor) -> torch.Tensor:
         """One decoding step with no host synchronisation and no data-dependent shapes, so that
         ``torch.compile`` captures it as one graph (:func:`moelab.eval.generate.generate` with ``compile=True``).
 
-        ``input_B``: the newest token of each row; ``positions_B``: its RoPE position; ``slot_1``: a
-        1-element int64 tensor, the cache slot it is written to (the same for every row: prompts are
-        left-padded); ``mask_BS``: bool ``[B, S]``, True for every slot among the first ``S`` the row
-        may attend to, this step's slot (``S - 1``) included, prompt padding False. Attention runs over
-        the first ``S`` cache slots (mark ``S`` dynamic so one compiled graph serves every step) and the
+        ``input_B``: the newest token of each row; ``positions_B``: its RoPE position; ``mask_BS``: bool
+        ``[B, S]``, True for every slot among the first ``S`` the row may attend to, prompt padding
+        False. The new token's key and value go to slot ``S - 1`` (the same for every row: prompts are
+        left-padded), which the mask includes. Attention runs over the first ``S`` cache slots (mark
+        ``S`` dynamic so one compiled graph serves every step) and the
         MoE layers use host-synchronisation-free dispatch (``static_shapes=True``). Does not change
         ``cache.length``. Returns fp32 logits ``[B, V]``.
         """
         cfg = self.config
         cos, sin = rope_cos_sin(positions_B[:, None], cfg.head_dim, cfg.rope_theta)
-        n_slots = mask_BS.shape[1]
         mask_B11S = mask_BS[:, None, None, :]
         x_B1D = self.embed(input_B[:, None])
         for i, block in enumerate(self.layers):
-            x_B1D = block.decode_step(x_B1D, cos, sin, cache.keys[i], cache.values[i], slot_1, mask_B11S, n_slots)
+            x_B1D = block.decode_step(x_B1D, cos, sin, cache.keys[i], cache.values[i], mask_B11S)
         return self.lm_head(self.norm(x_B1D[:, 0])).float()
 
     def forward(
