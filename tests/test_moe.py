@@ -319,22 +319,69 @@ def test_routing_counts_are_lazy_and_exact():
     assert r.tokens_per_expert_E.sum() == 100
 
 
-@pytest.mark.parametrize("T", [3, 16])
-def test_decode_per_slot_for_wide_experts_matches_naive(T):
-    """With large experts (> DECODE_GATHER_MAX_BYTES each) up to 64 decode slots run per slot."""
-    from moelab.model.moe import _is_decode, _use_per_slot
+@pytest.mark.parametrize("max_len", [1, 2, 3, 8])
+def test_expert_runs_tile_sorted_slots_with_constant_strides(max_len):
+    from moelab.model.moe import _expert_runs
 
-    moe = make_moe(64, 4, D=64, Fh=1024, backend="grouped_mm")
-    x = torch.randn(T, 64)
+    g = torch.Generator().manual_seed(0)
+    for n in range(0, 40):
+        experts = sorted(torch.randint(0, 12, (n,), generator=g).tolist())
+        runs = _expert_runs(experts, max_len)
+        assert sum(r[1] for r in runs) == n and [r[0] for r in runs] == list(itertools.accumulate([0] + [r[1] for r in runs[:-1]]))[: len(runs)]
+        for first, length, stride in runs:
+            assert 1 <= length <= max_len and stride >= 0
+            assert experts[first : first + length] == [experts[first] + i * stride for i in range(length)]
+    assert _expert_runs([0, 0, 3, 5, 7, 9, 9], 4) == [(0, 2, 0), (2, 4, 2), (6, 1, 0)]
+
+
+def test_expert_view_is_a_view_of_the_stacked_weights():
+    from moelab.model.moe import _expert_view
+
+    w = torch.randn(10, 6, 4)
+    for first, n, stride in [(2, 3, 3), (5, 2, 0), (9, 1, 0), (0, 10, 1)]:
+        v = _expert_view(w, first, n, stride)
+        assert v.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+        assert torch.equal(v, w[[first + i * stride for i in range(n)]])
+    assert torch.equal(_expert_view(w[:, 1:5, :], 2, 2, 4), w[[2, 6], 1:5, :])  # any strides
+
+
+@pytest.mark.parametrize("E,k,T", [(8, 2, 2), (8, 2, 4), (4, 4, 1), (64, 8, 3), (256, 8, 16), (256, 8, 32), (16, 1, 12)])
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_decode_strided_runs_match_naive(E, k, T, threads, monkeypatch):
+    """CPU decode with >= STRIDED_RUNS_MIN_SLOTS slots runs the selected experts as strided views, several
+    per bmm (runs of up to max(2, threads)); repeated experts (stride 0) included; equal to the reference."""
+    from moelab.model import moe as moe_mod
+
+    strided_runs, calls = moe_mod.experts_strided_runs, []
+    monkeypatch.setattr(moe_mod, "experts_strided_runs", lambda *a: calls.append(1) or strided_runs(*a))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    moe = make_moe(E, k, backend="grouped_mm")
+    x = torch.randn(T, 16)
+    x[T // 2 :] = x[0]  # identical tokens choose identical experts: stride-0 runs
     with torch.no_grad():
-        r = route(x, moe.router.weight, 4, moe.norm_topk_prob)
-        assert _is_decode(x, r) and _use_per_slot(x, moe.w_gate_up, r) and r.expert_TK.numel() > 8
-        y, _ = moe(x)
+        r = route(x, moe.router.weight, k, moe.norm_topk_prob)
+        assert moe_mod._is_decode(x, r) and r.expert_TK.numel() >= moe_mod.STRIDED_RUNS_MIN_SLOTS
+        y = strided_runs(x, moe.w_gate_up, moe.w_down, r)
+        y_module, _ = moe(x, with_losses=False)
         moe.set_backend("naive")
         ref, _ = moe(x)
-    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())  # fp32 sums of 1024 terms
-    narrow = make_moe(64, 4, backend="grouped_mm")
-    assert not _use_per_slot(x[:, :16], narrow.w_gate_up, route(x[:, :16], narrow.router.weight, 4, True))
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    assert calls == [1] and torch.equal(y_module, y)  # the module dispatches here
+
+
+def test_decode_strided_runs_under_bf16_autocast():
+    """Under autocast the runs compute in bf16 (casting only the experts read) and return fp32."""
+    from moelab.model.moe import experts_strided_runs
+
+    moe = make_moe(16, 4, backend="grouped_mm")
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        ref, _ = moe(x)
+        r = route(x, moe.router.weight, 4, moe.norm_topk_prob)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = experts_strided_runs(x, moe.w_gate_up, moe.w_down, r)
+    assert y.dtype == torch.float32
+    assert (y - ref).abs().max() <= 0.03 * ref.abs().max()
 
 
 @pytest.mark.parametrize("E,k,T", [(8, 2, 1), (8, 2, 4), (8, 2, 16), (4, 4, 7), (64, 8, 16), (16, 1, 40)])
