@@ -48,6 +48,8 @@ def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 12) -> st
     return tokenizer.decode(new).strip()
 
 
+# 1500 steps: 100/100 facts for seeds 0-3 (on 2026-12-01; 600 steps gave 49-56, 1000 gave 74-98, too
+# close to the threshold for a check whose numerics vary with the host's matmul kernels and thread count)
 MEMORIZE = {
     "model": {"vocab_size": 257, "d_model": 64, "n_layers": 2, "n_heads": 4, "d_expert": 128,
               "n_experts": 8, "top_k": 2, "max_seq_len": 64},
@@ -55,21 +57,17 @@ MEMORIZE = {
              "synthetic": {"n_entities": 50, "attributes": ["birth_year", "birth_city"], "n_paraphrases": 1,
                            "memorization_weight": 1.0, "n_test_reasoning": 5},
              "synthetic_tokens": 200_000, "seq_len": 64, "seed": 0},
-    "train": {"lr": 4e-3, "warmup_steps": 30, "micro_batch_size": 16, "steps": 600, "eval_every": 100,
-              "eval_batches": 4, "log_every": 10, "checkpoint_every": 600, "keep_checkpoints": 1},
+    "train": {"lr": 4e-3, "warmup_steps": 30, "micro_batch_size": 16, "steps": 1500, "eval_every": 500,
+              "eval_batches": 4, "log_every": 50, "checkpoint_every": 1500, "keep_checkpoints": 1},
 }
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="host-dependent training outcome: on the 2026-12-01 CI host seeded tiny training learns less than on earlier hosts (see test_tiny_run_reasons_above_chance; this session changed no training arithmetic: the weight-gradient loop is bitwise equal to e586c20's). Quarantined until investigated (session-4 note on issue 5).",
-)
 @pytest.mark.slow
 def test_small_model_memorises_a_small_world(tmp_path):
     out = tmp_path / "mem"
     train(run_config_from_dict(MEMORIZE), out, quiet=True)
     model = moelab.load(out).eval()
-    tokenizer = load_tokenizer(out / "checkpoints" / "step_00000600")
+    tokenizer = load_tokenizer(out / "checkpoints" / "step_00001500")
     items = [json.loads(line) for line in (out / "data" / "test_memorization.jsonl").read_text().splitlines()]
     assert len(items) == 100
     correct = sum(greedy_answer(model, tokenizer, it["prompt"]) == it["answer"] for it in items)
