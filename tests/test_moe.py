@@ -345,11 +345,12 @@ def test_expert_view_is_a_view_of_the_stacked_weights():
     assert torch.equal(_expert_view(w[:, 1:5, :], 2, 2, 4), w[[2, 6], 1:5, :])  # any strides
 
 
-@pytest.mark.parametrize("E,k,T", [(8, 2, 2), (8, 2, 4), (4, 4, 1), (64, 8, 3), (256, 8, 16), (256, 8, 32), (16, 1, 12)])
+@pytest.mark.parametrize("E,k,T", [(8, 2, 2), (8, 2, 4), (4, 4, 1), (8, 2, 1), (64, 8, 1), (64, 8, 3), (256, 8, 16), (256, 8, 32), (16, 1, 12)])
 @pytest.mark.parametrize("threads", [1, 2, 4])
 def test_decode_strided_runs_match_naive(E, k, T, threads, monkeypatch):
-    """CPU decode with >= STRIDED_RUNS_MIN_SLOTS slots runs the selected experts as strided views, several
-    per bmm (runs of up to max(2, threads)); repeated experts (stride 0) included; equal to the reference."""
+    """CPU decode of small experts with enough slots runs the selected experts as strided views, several
+    per bmm (runs of up to max(2, threads)); one token (no sort) and repeated experts (stride 0)
+    included; equal to the reference."""
     from moelab.model import moe as moe_mod
 
     strided_runs, calls = moe_mod.experts_strided_runs, []
@@ -360,13 +361,41 @@ def test_decode_strided_runs_match_naive(E, k, T, threads, monkeypatch):
     x[T // 2 :] = x[0]  # identical tokens choose identical experts: stride-0 runs
     with torch.no_grad():
         r = route(x, moe.router.weight, k, moe.norm_topk_prob)
-        assert moe_mod._is_decode(x, r) and r.expert_TK.numel() >= moe_mod.STRIDED_RUNS_MIN_SLOTS
+        assert moe_mod._is_decode(x, r) and moe_mod._use_strided_runs(T, r.expert_TK.numel(), moe.w_gate_up[0].numel() * 4)
         y = strided_runs(x, moe.w_gate_up, moe.w_down, r)
         y_module, _ = moe(x, with_losses=False)
         moe.set_backend("naive")
         ref, _ = moe(x)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
     assert calls == [1] and torch.equal(y_module, y)  # the module dispatches here
+
+
+def test_cpu_decode_path_choice():
+    """Strided runs need >= 4 slots (2 for one token, which needs no sort) and experts of <= 512 KiB."""
+    from moelab.model.moe import _use_strided_runs
+
+    small, large = 256 * 1024, 1024 * 1024
+    assert _use_strided_runs(1, 2, small) and not _use_strided_runs(1, 1, small)
+    assert _use_strided_runs(2, 4, small) and not _use_strided_runs(3, 3, small)
+    assert not _use_strided_runs(1, 8, large) and not _use_strided_runs(4, 8, large)
+
+
+@pytest.mark.parametrize("T", [1, 4])
+def test_decode_large_experts_run_per_slot(T, monkeypatch):
+    """Experts above STRIDED_RUNS_MAX_EXPERT_BYTES decode one pair per slot, equal to the reference."""
+    from moelab.model import moe as moe_mod
+
+    per_slot, calls = moe_mod.experts_per_slot, []
+    monkeypatch.setattr(moe_mod, "experts_per_slot", lambda *a: calls.append(1) or per_slot(*a))
+    monkeypatch.setattr(moe_mod, "STRIDED_RUNS_MAX_EXPERT_BYTES", 1024)  # make make_moe's experts "large"
+    moe = make_moe(8, 2, backend="grouped_mm")
+    x = torch.randn(T, 16)
+    with torch.no_grad():
+        y, _ = moe(x, with_losses=False)
+        moe.set_backend("naive")
+        ref, _ = moe(x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    assert calls == [1]
 
 
 def test_decode_strided_runs_under_bf16_autocast():

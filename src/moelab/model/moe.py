@@ -24,8 +24,8 @@ Dispatch backends (selected by ``ModelConfig.moe_backend``), all numerically equ
   Without autograd and with at most ``E`` slots (decoding) it reads only the selected experts'
   weights: on GPUs gathered into two batched matmuls (``experts_gathered``: no sort, no host
   synchronisation); on CPU in place, as strided views of several experts per ``bmm``
-  (``experts_strided_runs``), or one matrix-vector pair per slot below ``STRIDED_RUNS_MIN_SLOTS``
-  slots (``experts_per_slot``). Without autograd, with more slots than experts but few experts
+  (``experts_strided_runs``), or one matrix-vector pair per slot (``experts_per_slot``) for few slots
+  or large experts (``_use_strided_runs``). Without autograd, with more slots than experts but few experts
   (``E <= 4 k``, or ``8 k`` through packed CPU products) and a small product (a decoding batch), every
   expert runs on every token (``experts_all_dense``): about the same weights read (most experts are
   touched), in two products instead of two per expert.
@@ -399,7 +399,20 @@ def _expert_view(w_EAB: torch.Tensor, first: int, n: int, stride: int) -> torch.
 
 #: CPU decode: fewer slots than this run one matrix-vector pair each (:func:`experts_per_slot`), more as
 #: strided runs (:func:`experts_strided_runs`), whose sort and gather cost more than they save below it.
+#: A single token needs no sort or gather, so two of its slots already gain from one ``bmm``.
 STRIDED_RUNS_MIN_SLOTS = 4
+STRIDED_RUNS_MIN_SLOTS_ONE_TOKEN = 2
+#: Experts whose gate/up matrix is larger than this (bytes) run per slot at any slot count: one such
+#: matrix-vector product already keeps both cores busy, and inside a whole model's decode step the
+#: ``bmm`` runs measured slower (E 8, d 256, F 512 (1 MiB), batch 4: 5.3 vs 4.7 ms per step), while
+#: small experts gain from them (E 64 / 256, F 128 / 64, batch 4: 9.4 / 6.0 vs 11.6 / 7.3 ms).
+STRIDED_RUNS_MAX_EXPERT_BYTES = 512 * 1024
+
+
+def _use_strided_runs(n_tokens: int, n_slots: int, expert_bytes: int) -> bool:
+    """CPU decode: strided runs (:func:`experts_strided_runs`) rather than one pair per slot?"""
+    min_slots = STRIDED_RUNS_MIN_SLOTS_ONE_TOKEN if n_tokens == 1 else STRIDED_RUNS_MIN_SLOTS
+    return n_slots >= min_slots and expert_bytes <= STRIDED_RUNS_MAX_EXPERT_BYTES
 
 
 def _run_linear(x_N1K: torch.Tensor, w_NMK: torch.Tensor, out_N1M: torch.Tensor) -> None:
@@ -421,17 +434,27 @@ def experts_strided_runs(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> 
     where one-row products each run on one (on 2 cores: 47 vs 92 us for two E 8 / d 256 / F 512 experts).
     Called without autograd."""
     dtype = _compute_dtype(x_TD)
-    plan = DispatchPlan.from_routing(routing)  # the shared sort: slots in expert order
-    expert_S = routing.expert_TK.reshape(-1)[plan.order_S].tolist()
-    x_S1D = _gather(x_TD, plan).to(dtype).unsqueeze(1)
+    if x_TD.shape[0] == 1:  # one token: its K distinct experts, sorted on the host; no gather, no scatter
+        experts = routing.expert_TK[0].tolist()
+        order = sorted(range(len(experts)), key=experts.__getitem__)
+        expert_S, plan = [experts[i] for i in order], None
+        weight_S = routing.weight_TK[0, order]
+        x_S1D = x_TD.to(dtype).expand(len(experts), -1).unsqueeze(1)  # a view of the one row
+    else:
+        plan = DispatchPlan.from_routing(routing)  # the shared sort: slots in expert order
+        expert_S = routing.expert_TK.reshape(-1)[plan.order_S].tolist()
+        weight_S = plan.weight_S
+        x_S1D = _gather(x_TD, plan).to(dtype).unsqueeze(1)
     h_S12F = x_S1D.new_empty(len(expert_S), 1, w_gate_up_E2FD.shape[1])
     runs = _expert_runs(expert_S, max(2, torch.get_num_threads()))
     for first, n, stride in runs:  # .to(dtype) casts only the run's experts under autocast
         _run_linear(x_S1D[first : first + n], _expert_view(w_gate_up_E2FD, expert_S[first], n, stride).to(dtype), h_S12F[first : first + n])
-    a_S1F = weighted_swiglu(h_S12F.squeeze(1), plan.weight_S).unsqueeze(1)
+    a_S1F = weighted_swiglu(h_S12F.squeeze(1), weight_S).unsqueeze(1)
     y_S1D = x_S1D.new_empty(len(expert_S), 1, w_down_EDF.shape[1])
     for first, n, stride in runs:
         _run_linear(a_S1F[first : first + n], _expert_view(w_down_EDF, expert_S[first], n, stride).to(dtype), y_S1D[first : first + n])
+    if plan is None:  # the token's K weighted expert outputs, summed in fp32
+        return y_S1D.squeeze(1).float().sum(0, keepdim=True).to(x_TD.dtype)
     return _combine(y_S1D.squeeze(1), plan, x_TD.dtype)
 
 
@@ -448,9 +471,10 @@ def experts_grouped_mm(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> to
     if _is_decode(x_TD, routing):
         if x_TD.device.type != "cpu":  # no host synchronisation
             return experts_gathered(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
-        if routing.expert_TK.numel() < STRIDED_RUNS_MIN_SLOTS:
-            return experts_per_slot(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
-        return experts_strided_runs(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
+        expert_bytes = w_gate_up_E2FD[0].numel() * _compute_dtype(x_TD).itemsize
+        if _use_strided_runs(x_TD.shape[0], routing.expert_TK.numel(), expert_bytes):
+            return experts_strided_runs(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
+        return experts_per_slot(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
     if not torch.is_grad_enabled() and _use_all_dense(x_TD, w_gate_up_E2FD, w_down_EDF, routing):
         return experts_all_dense(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
     dtype = _compute_dtype(x_TD)
