@@ -203,14 +203,33 @@ def test_blocked_cpu_dispatch_matches_naive(block_bytes, monkeypatch):
     import moelab.model.moe as moe_module
 
     monkeypatch.setattr(moe_module, "CPU_BLOCK_BYTES", block_bytes)
+    blocks_seen, expert_blocks = [], moe_module.expert_blocks
+    monkeypatch.setattr(moe_module, "expert_blocks", lambda *a: blocks_seen.append(expert_blocks(*a)) or blocks_seen[-1])
     moe = make_moe(16, 4)
     x = torch.randn(50, 16)
     y0, gx0, g0, _ = run(moe, x, "naive")
     y1, gx1, g1, _ = run(moe, x, "grouped_mm")
+    n_blocks = len(blocks_seen[0])  # CPU_BLOCK_BYTES is read at call time
+    assert n_blocks == {1: 16, 1 << 30: 1}[block_bytes] if block_bytes != 4096 else 1 < n_blocks < 16
     torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-5)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-5)
+
+
+def test_l2_cache_bytes_reads_sysfs(tmp_path):
+    from moelab.model.moe import CPU_BLOCK_BYTES, l2_cache_bytes
+
+    for i, (level, kind, size) in enumerate([("1", "Data", "48K"), ("1", "Instruction", "32K"), ("2", "Unified", "2048K"), ("3", "Unified", "300M")]):
+        d = tmp_path / f"index{i}"
+        d.mkdir()
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (d / name).write_text(value + "\n")
+    assert l2_cache_bytes(tmp_path) == 2 << 20
+    (tmp_path / "index2" / "size").write_text("1M\n")
+    assert l2_cache_bytes(tmp_path) == 1 << 20
+    assert l2_cache_bytes(tmp_path / "missing") is None
+    assert (1 << 18) <= CPU_BLOCK_BYTES <= (1 << 22)
 
 
 def _blocked_node(y):
