@@ -45,7 +45,7 @@ def _is_aligned(t: torch.Tensor, *dims: int) -> bool:
 # On CPU a half-precision matmul runs through oneDNN, which builds (JIT-compiles) a kernel for every new
 # (M, N, K) and caches it: ~2 ms for a new shape against ~0.2 ms for a cached one ([512, 1001] x
 # [1001, 128] in bf16). Expert row counts change every training step, so ``grouped_mm``'s per-group
-# matmuls would build new kernels all the time (bf16 training measured 2-4x slower than fp32). Rounding
+# matmuls would build new kernels all the time (bf16 training measured 3-5x slower than fp32). Rounding
 # each group's rows up to one of a few sizes (zero rows appended) keeps the set of shapes small.
 
 
@@ -75,12 +75,11 @@ def _padded_rows(t: torch.Tensor, s0: int, n: int) -> torch.Tensor:
     return rows if b == n else F.pad(rows, (0, 0, 0, b - n))
 
 
-def _bucketed_rows_mm(x_SA: torch.Tensor, w_EBA_or_EAB: torch.Tensor, offsets_E: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """Row group ``e`` of ``x`` times ``w[e].T`` (``transpose``) or ``w[e]``, each group's rows bucketed."""
-    w = w_EBA_or_EAB.transpose(1, 2) if transpose else w_EBA_or_EAB
-    out = x_SA.new_zeros(x_SA.shape[0], w.shape[2])
+def _bucketed_rows_mm(x_SA: torch.Tensor, w_EAB: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """``[S, A] x [E, A, B] -> [S, B]``: row group ``e`` of ``x`` times ``w[e]``, each group's rows bucketed."""
+    out = x_SA.new_zeros(x_SA.shape[0], w_EAB.shape[2])
     for e, s0, n in _group_bounds(offsets_E):
-        out[s0 : s0 + n] = (_padded_rows(x_SA, s0, n) @ w[e])[:n]
+        out[s0 : s0 + n] = (_padded_rows(x_SA, s0, n) @ w_EAB[e])[:n]
     return out
 
 
@@ -96,7 +95,7 @@ def _bucketed_weight_grad(dy_SN: torch.Tensor, x_SK: torch.Tensor, offsets_E: to
 def _grouped_linear(x_SK: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     N, K = w_ENK.shape[1:]
     if _uses_onednn(x_SK):
-        return _bucketed_rows_mm(x_SK, w_ENK, offsets_E, transpose=True)
+        return _bucketed_rows_mm(x_SK, w_ENK.transpose(1, 2), offsets_E)
     if _is_aligned(x_SK, N, K):
         return F.grouped_mm(x_SK, w_ENK.transpose(1, 2), offs=offsets_E)
     Np, Kp = _aligned(N, x_SK), _aligned(K, x_SK)
@@ -113,7 +112,7 @@ def _(x_SK, w_ENK, offsets_E):
 def _grouped_linear_dx(dy_SN: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     N, K = w_ENK.shape[1:]
     if _uses_onednn(dy_SN):
-        return _bucketed_rows_mm(dy_SN, w_ENK, offsets_E, transpose=False)
+        return _bucketed_rows_mm(dy_SN, w_ENK, offsets_E)
     if _is_aligned(dy_SN, N, K):
         return F.grouped_mm(dy_SN, w_ENK, offs=offsets_E)
     Np, Kp = _aligned(N, dy_SN), _aligned(K, dy_SN)

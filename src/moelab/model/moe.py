@@ -497,7 +497,7 @@ def experts_grouped_mm(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> to
     if _is_decode(x_TD, routing):
         if x_TD.device.type != "cpu":  # no host synchronisation
             return experts_gathered(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
-        expert_bytes = w_gate_up_E2FD[0].numel() * _compute_dtype(x_TD).itemsize
+        expert_bytes = w_gate_up_E2FD.shape[1] * w_gate_up_E2FD.shape[2] * _compute_dtype(x_TD).itemsize
         if _use_strided_runs(x_TD.shape[0], routing.expert_TK.numel(), expert_bytes):
             return experts_strided_runs(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
         return experts_per_slot(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
