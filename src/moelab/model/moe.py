@@ -456,11 +456,12 @@ def experts_strided_runs(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> 
     Slots are sorted by expert and cut into runs whose experts are evenly spaced (any two are), so each
     run's weights are a strided view of ``w_gate_up`` / ``w_down`` (stride 0 when two tokens chose the
     same expert) and one ``bmm`` computes the whole run. It reads exactly the weights of computing the
-    selected experts one by one, with no copy, and ``bmm`` runs a run's experts on parallel threads,
-    where one-row products each run on one (on 2 cores: 47 vs 92 us for two E 8 / d 256 / F 512 experts).
-    Called without autograd."""
+    selected experts one by one, with no copy, and ``bmm`` spreads a run's small experts over the
+    threads, where a small expert's one-row product alone keeps few of them busy (large experts run per
+    slot, see :data:`STRIDED_RUNS_MAX_EXPERT_BYTES`). One token needs no sort: its ``K`` distinct
+    experts are ordered on the host and its output is their fp32 sum. Called without autograd."""
     dtype = _compute_dtype(x_TD)
-    if x_TD.shape[0] == 1:  # one token: its K distinct experts, sorted on the host; no gather, no scatter
+    if x_TD.shape[0] == 1:  # one token: no DispatchPlan, gather or scatter
         experts = routing.expert_TK[0].tolist()
         order = sorted(range(len(experts)), key=experts.__getitem__)
         expert_S, plan = [experts[i] for i in order], None
