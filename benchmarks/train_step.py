@@ -5,7 +5,8 @@
 Models share d_model, layers, attention and vocabulary; the FFN is a dense SwiGLU of width F = 4 d
 (``n_experts = top_k = 1``), or E = 8 / k = 2 experts of width F / 2, or E = 64 / k = 8 experts of width
 F / 8, so ``k * d_expert = F`` and active parameters are equal (up to the router). MoE layers use
-``moe_backend = "grouped_mm"``. A step is forward + backward + AdamW update of one batch.
+``moe_backend = "grouped_mm"``. A step is what ``moelab train`` does per batch: forward + backward,
+gradient clipping and the trainer's (fused) AdamW update.
 
 Columns: tokens/s; achieved FLOP/s = ``accounting.train_flops_per_token`` (6 * N_active + LM head +
 attention term, see :mod:`moelab.accounting`) * tokens/s; that as a fraction of the machine's fp32
@@ -22,15 +23,20 @@ import torch
 
 import moelab
 from moelab import accounting
+from moelab.train.config import TrainConfig
 from moelab.train.flops import measure_matmul_flops
+from moelab.train.optim import build_optimizer
 
 from .common import interleaved_medians
 
 
 def make_step(cfg: moelab.ModelConfig, batch: int, seq_len: int):
-    """A closure running one training step (forward + backward + AdamW) of a fresh model on a fixed batch."""
+    """A closure running one training step of a fresh model on a fixed batch, as ``moelab train`` runs
+    it: forward + backward, global gradient-norm clipping, and the trainer's AdamW
+    (:func:`moelab.train.optim.build_optimizer`: weight-decay groups, fused kernel)."""
     model = moelab.build(cfg, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    t = TrainConfig(steps=1)  # the study's optimiser defaults
+    opt = build_optimizer(model, t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=g)
     inputs, targets = x[:, :-1], x[:, 1:]
@@ -38,6 +44,7 @@ def make_step(cfg: moelab.ModelConfig, batch: int, seq_len: int):
     def step() -> None:
         out = model(inputs, targets)
         out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -44,9 +44,28 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [decay, no_decay]
 
 
+#: Devices with torch's fused AdamW kernel used here (one kernel per dtype group for all parameters).
+FUSED_DEVICES = ("cpu", "cuda", "xpu")
+
+
+def use_fused(params: list[torch.Tensor]) -> bool:
+    """True if every parameter is a floating-point tensor (plain or FSDP2 ``DTensor``) on a device of
+    :data:`FUSED_DEVICES`: then AdamW runs as torch's fused kernel."""
+    return bool(params) and all(p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params)
+
+
 def build_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` (``foreach`` left to torch's default for the device)."""
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+    """AdamW over :func:`param_groups`, fused where :func:`use_fused` (otherwise torch's default).
+
+    The fused kernel reads and writes each parameter, gradient and moment once per step instead of
+    once per elementwise op: on a 2-core CPU, 9.5 instead of 60 ms for 12.8 M parameters, which is a
+    large part of a step for MoE models, whose total parameters are many times their active ones (the
+    E = 64 model of ``benchmarks/train_step.py``: step 325 instead of 372 ms). Same update up to
+    float rounding (max 1.2e-7 apart after one step); its optimizer state (``exp_avg``,
+    ``exp_avg_sq``, ``step``) has the same keys and loads either way."""
+    groups = param_groups(model, weight_decay)
+    fused = use_fused([p for g in groups for p in g["params"]]) or None
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
 # ------------------------------------------------------------------ state <-> (tensors, json)
