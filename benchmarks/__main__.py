@@ -25,6 +25,12 @@ PARTS = ("moe_layer", "train_step", "generate")
 SKEW = 0.4  # router bias of the skewed runs: max/mean expert load ~1.2 (E=8) to ~10 (E=256); printed per shape
 
 
+def _iqr(result: dict, name: str) -> str:
+    """`` (IQR a-b)``: the interquartile range of the per-round ratios, where the result has it."""
+    iqr = result.get("ratio_iqr", {}).get(name)
+    return f" (IQR {iqr[0]:.2f}-{iqr[1]:.2f})" if iqr else ""
+
+
 def _moe_rows(payload: dict, label: str, target_dense: float, hf_target: float) -> list[list[str]]:
     rows = []
     for r in payload["results"]:
@@ -35,7 +41,7 @@ def _moe_rows(payload: dict, label: str, target_dense: float, hf_target: float) 
         ok = ratio["grouped_mm"] <= target_dense and (speedup is None or E < 32 or speedup >= hf_target)
         rows.append([
             f"MoE layer {label} (d={d},F={f},E={E},k={k}) load {r['max_over_mean_load']:.1f}",
-            f"{ratio['grouped_mm']:.2f}x dense" + (f", {speedup:.2f}x faster than HF best" if speedup else ""),
+            f"{ratio['grouped_mm']:.2f}x dense{_iqr(r, 'grouped_mm')}" + (f", {speedup:.2f}x faster than HF best" if speedup else ""),
             f"<= {target_dense}x dense" + (f", >= {hf_target}x HF" if E >= 32 else ""),
             "yes" if ok else "NO",
         ])
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary += _moe_rows(skew, "skewed", 1.3, 1.7)
         for r in core.get("decode", []):
             ratio = r["ratio_to_one_by_one"]["grouped_mm"]
-            summary.append([f"MoE decode {tuple(r['shape'])} {r['tokens']} tokens", f"{ratio:.2f}x one-by-one", "<= 1x", "yes" if ratio <= 1 else "NO"])
+            summary.append([f"MoE decode {tuple(r['shape'])} {r['tokens']} tokens", f"{ratio:.2f}x one-by-one{_iqr(r, 'grouped_mm')}", "<= 1x", "yes" if ratio <= 1 else "NO"])
     if "train_step" in parts:
         from . import train_step
 

@@ -1,8 +1,10 @@
 """Timing helpers shared by the benchmarks.
 
 Ratios are what we report: every implementation in a table is measured in the same process, in
-interleaved rounds (A, B, C, A, B, C, ...), and each time is the median over rounds, so slow drifts of
-the machine (thermal, other processes) affect all columns alike.
+interleaved rounds (A, B, C, A, B, C, ...), so slow drifts of the machine (thermal, other processes)
+affect all columns alike. A time is the median over rounds; a ratio to a reference is the median of
+the per-round ratios (:func:`paired_ratios`), which cancels drift between rounds as well, with its
+interquartile range as the measured noise.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import torch
 from moelab.io import atomic_write_json
 
 
-def interleaved_medians(
+def interleaved_times(
     fns: dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 2, min_seconds: float = 0.0, number: int = 1
-) -> dict[str, float]:
-    """Median seconds per call of each function, measured round-robin.
+) -> dict[str, list[float]]:
+    """Seconds per call of each function in every round (``rounds`` or more, until ``min_seconds``
+    have passed), measured round-robin.
 
     Each sample times ``number`` back-to-back calls (use > 1 for calls of ~100 us, whose single
     timings are dominated by timer and scheduling noise). The order rotates every round, so no
@@ -43,7 +46,28 @@ def interleaved_medians(
                 fn()
             times[name].append((time.perf_counter() - t0) / number)
         r += 1
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 2, min_seconds: float = 0.0, number: int = 1
+) -> dict[str, float]:
+    """Median seconds per call of each function over the rounds of :func:`interleaved_times`."""
+    samples = interleaved_times(fns, rounds=rounds, warmup=warmup, min_seconds=min_seconds, number=number)
+    return {name: statistics.median(ts) for name, ts in samples.items()}
+
+
+def paired_ratios(times: dict[str, list[float]], reference: str) -> dict[str, dict[str, float]]:
+    """Each function's time over the reference's, round by round (both measured in the same round, so
+    a slow phase of the machine scales both): ``{name: {"median", "q1", "q3"}}`` of the per-round
+    ratios; ``q1``-``q3`` (interquartile range) shows how much the ratio moved between rounds."""
+    ref = times[reference]
+    out = {}
+    for name, ts in times.items():
+        ratios = [t / r for t, r in zip(ts, ref)]
+        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else (ratios[0],) * 3
+        out[name] = {"median": statistics.median(ratios), "q1": q1, "q3": q3}
+    return out
 
 
 def machine_info() -> dict:

@@ -5,9 +5,12 @@ For each shape (d, d_expert, E, k) at T tokens (fp32), this measures in one run:
 * moelab's ``MoE`` with each dispatch backend (``grouped_mm``, ``loop``; ``naive`` only where it is
   affordable),
 * a dense SwiGLU FFN of hidden width ``k * d_expert`` -- the same active FLOPs, no routing: the floor,
-* transformers' ``MixtralSparseMoeBlock`` with each of its experts implementations (same weights),
+* transformers' ``MixtralSparseMoeBlock`` with each of its experts implementations (same weights;
+  its ``eager`` Python loop over experts only up to :data:`HF_EAGER_MAX_EXPERTS` experts: above, it
+  measured 17-540x the floor against 5-9x for its ``grouped_mm`` and would take most of the run),
 
-and prints times as ratios to the dense FFN. ``--skew S`` biases the router so that expert loads are
+and prints times as ratios to the dense FFN: the median of the per-round ratios, with the
+interquartile range of ours in brackets (:func:`benchmarks.common.paired_ratios`). ``--skew S`` biases the router so that expert loads are
 uneven; the achieved max/mean load is printed.
 
     python -m benchmarks.moe_layer [--tokens 4096] [--skew 0] [--shapes default|sparse|all] [--json out.json]
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +28,11 @@ import torch.nn.functional as F
 from moelab.config import ModelConfig
 from moelab.model.moe import MoE, route
 
-from .common import interleaved_medians, machine_info, print_table, write_json
+from .common import interleaved_times, machine_info, paired_ratios, print_table, write_json
 
 CORE_SHAPES = [(256, 512, 8, 2), (256, 128, 64, 8), (512, 256, 32, 4), (256, 64, 256, 8)]
 BATCHED_MM_MAX_BYTES = 2 * 2**30  # skip transformers' batched_mm above this much gathered weight memory
+HF_EAGER_MAX_EXPERTS = 64  # skip transformers' eager (a Python loop over experts) above this many experts
 SPARSE_SHAPES = [(256, 64, 256, 1), (256, 64, 256, 4), (256, 64, 256, 16)]
 
 
@@ -106,14 +111,19 @@ def bench_shape(d, d_expert, E, k, tokens, skew, rounds, with_transformers=True,
                 # batched_mm gathers a full copy of the expert weights for every routing slot
                 if impl == "batched_mm" and tokens * k * 3 * d * d_expert * 4 > BATCHED_MM_MAX_BYTES:
                     continue
+                if impl == "eager" and E > HF_EAGER_MAX_EXPERTS:
+                    continue
                 block = build_transformers_block(moe, d, d_expert, E, k, impl)
                 fns[f"hf_{impl}"] = fwd_bwd(block, x[None], grad[None])
                 hf_impls.append(impl)
         except ImportError:
             pass
-    times = interleaved_medians(fns, rounds=rounds)
-    return {"shape": (d, d_expert, E, k), "tokens": tokens, "max_over_mean_load": load, "seconds": times,
-            "ratio_to_dense": {n: t / times["dense"] for n, t in times.items()}}
+    samples = interleaved_times(fns, rounds=rounds)
+    ratios = paired_ratios(samples, "dense")
+    return {"shape": (d, d_expert, E, k), "tokens": tokens, "max_over_mean_load": load,
+            "seconds": {n: statistics.median(ts) for n, ts in samples.items()},
+            "ratio_to_dense": {n: r["median"] for n, r in ratios.items()},
+            "ratio_iqr": {n: (r["q1"], r["q3"]) for n, r in ratios.items()}}
 
 
 def run(shapes, tokens=4096, skew=0.0, rounds=5, with_transformers=True, verbose=True) -> list[dict]:
@@ -127,9 +137,14 @@ def run(shapes, tokens=4096, skew=0.0, rounds=5, with_transformers=True, verbose
     return results
 
 
+def _with_iqr(median: float, iqr) -> str:
+    return f"{median:.2f} ({iqr[0]:.2f}-{iqr[1]:.2f})"
+
+
 def report(results: list[dict], title: str) -> None:
     names = ["grouped_mm", "loop", "naive", "hf_eager", "hf_batched_mm", "hf_grouped_mm"]
     cols = ["(d, F, E, k)", "load max/mean", "dense ms"] + [f"{n} /dense" for n in names] + ["hf best / ours"]
+    ours = names[0]
     rows = []
     for r in results:
         ratio = r["ratio_to_dense"]
@@ -137,7 +152,7 @@ def report(results: list[dict], title: str) -> None:
         best_hf = min(hf) if hf else math.nan
         rows.append(
             [str(r["shape"]), f"{r['max_over_mean_load']:.2f}", f"{1e3 * r['seconds']['dense']:.1f}"]
-            + [f"{ratio[n]:.2f}" if n in ratio else "-" for n in names]
+            + [_with_iqr(ratio[n], r["ratio_iqr"][n]) if n == ours else f"{ratio[n]:.2f}" if n in ratio else "-" for n in names]
             + [f"{best_hf / ratio['grouped_mm']:.2f}x" if hf else "-"]
         )
     print_table(title, cols, rows)
@@ -180,15 +195,19 @@ def bench_decode(shapes=DECODE_SHAPES, token_counts=(1, 4, 16), rounds=20) -> li
             for b, m in modules.items():
                 fns[b] = (lambda m=m: m(x, with_losses=False))  # as when decoding
             with torch.inference_mode():
-                times = interleaved_medians(fns, rounds=rounds, number=10)  # calls of ~0.1 ms: time 10 at once
-            results.append({"shape": (d, d_expert, E, k), "tokens": T, "seconds": times,
-                            "ratio_to_one_by_one": {n: t / times["one_by_one"] for n, t in times.items()}})
+                samples = interleaved_times(fns, rounds=rounds, number=10)  # calls of ~0.1 ms: time 10 at once
+            ratios = paired_ratios(samples, "one_by_one")
+            results.append({"shape": (d, d_expert, E, k), "tokens": T,
+                            "seconds": {n: statistics.median(ts) for n, ts in samples.items()},
+                            "ratio_to_one_by_one": {n: r["median"] for n, r in ratios.items()},
+                            "ratio_iqr": {n: (r["q1"], r["q3"]) for n, r in ratios.items()}})
     return results
 
 
 def report_decode(results: list[dict]) -> None:
     rows = [[str(r["shape"]), str(r["tokens"]), f"{1e6 * r['seconds']['one_by_one'] / r['tokens']:.0f}"]
-            + [f"{r['ratio_to_one_by_one'][n]:.2f}" for n in ("grouped_mm", "loop")] for r in results]
+            + [_with_iqr(r["ratio_to_one_by_one"]["grouped_mm"], r["ratio_iqr"]["grouped_mm"]),
+               f"{r['ratio_to_one_by_one']['loop']:.2f}"] for r in results]
     print_table("MoE layer decode forward (inference), time / one-by-one selected experts",
                 ["(d, F, E, k)", "tokens", "one-by-one us/token", "grouped_mm /1x1", "loop /1x1"], rows)
 

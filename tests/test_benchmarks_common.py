@@ -1,0 +1,41 @@
+"""The benchmarks' timing statistics: round-robin samples and per-round (paired) ratios."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from benchmarks.common import interleaved_medians, interleaved_times, paired_ratios
+
+
+def test_interleaved_times_runs_every_function_each_round_in_rotating_order():
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = interleaved_times(fns, rounds=4, warmup=1, number=2)
+    assert {n: len(ts) for n, ts in times.items()} == {"a": 4, "b": 4, "c": 4}
+    assert all(t >= 0 for ts in times.values() for t in ts)
+    timed = calls[3:]  # after one warm-up call each, rounds of 2 calls per function
+    rounds = [[timed[i] for i in range(r * 6, r * 6 + 6, 2)] for r in range(4)]
+    assert rounds == [list("abc"), list("bca"), list("cab"), list("abc")]
+    assert set(interleaved_medians(fns, rounds=3, warmup=0)) == {"a", "b", "c"}
+
+
+def test_paired_ratios_cancel_drift_between_rounds():
+    # the machine slows down 3x over the run; B always takes 1.2x A within a round
+    a = [1.0, 2.0, 3.0, 1.5, 2.5]
+    times = {"a": a, "b": [1.2 * t for t in a]}
+    r = paired_ratios(times, "a")
+    assert r["a"] == {"median": 1.0, "q1": 1.0, "q3": 1.0}
+    assert r["b"]["median"] == pytest.approx(1.2) and r["b"]["q1"] == pytest.approx(1.2) and r["b"]["q3"] == pytest.approx(1.2)
+    # the ratio of the medians would be the same here, but not when rounds drift unevenly:
+    times = {"a": [1.0, 1.0, 3.0, 3.0], "b": [1.1, 1.1, 3.3, 2.7]}
+    medians = {n: statistics.median(ts) for n, ts in times.items()}
+    assert medians["b"] / medians["a"] == pytest.approx(0.95)  # B looks faster than A, which it never was
+    r = paired_ratios(times, "a")["b"]
+    assert r["median"] == pytest.approx(1.1)
+    assert r["q1"] == pytest.approx(1.05) and r["q3"] == pytest.approx(1.1)  # ratios 1.1, 1.1, 1.1, 0.9
+
+
+def test_paired_ratios_of_a_single_round():
+    assert paired_ratios({"a": [2.0], "b": [3.0]}, "a")["b"] == {"median": 1.5, "q1": 1.5, "q3": 1.5}
