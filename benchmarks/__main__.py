@@ -19,16 +19,10 @@ import torch
 
 from moelab.train.flops import measure_matmul_flops
 
-from .common import machine_info, print_table, write_json
+from .common import machine_info, print_table, ratio_text, write_json
 
 PARTS = ("moe_layer", "train_step", "generate")
 SKEW = 0.4  # router bias of the skewed runs: max/mean expert load ~1.2 (E=8) to ~10 (E=256); printed per shape
-
-
-def _iqr(result: dict, name: str) -> str:
-    """`` (IQR a-b)``: the interquartile range of the per-round ratios, where the result has it."""
-    iqr = result.get("ratio_iqr", {}).get(name)
-    return f" (IQR {iqr[0]:.2f}-{iqr[1]:.2f})" if iqr else ""
 
 
 def _moe_rows(payload: dict, label: str, target_dense: float, hf_target: float) -> list[list[str]]:
@@ -41,7 +35,7 @@ def _moe_rows(payload: dict, label: str, target_dense: float, hf_target: float) 
         ok = ratio["grouped_mm"] <= target_dense and (speedup is None or E < 32 or speedup >= hf_target)
         rows.append([
             f"MoE layer {label} (d={d},F={f},E={E},k={k}) load {r['max_over_mean_load']:.1f}",
-            f"{ratio['grouped_mm']:.2f}x dense{_iqr(r, 'grouped_mm')}" + (f", {speedup:.2f}x faster than HF best" if speedup else ""),
+            f"{ratio_text(ratio['grouped_mm'], r['ratio_iqr']['grouped_mm'])} x dense" + (f", {speedup:.2f}x faster than HF best" if speedup else ""),
             f"<= {target_dense}x dense" + (f", >= {hf_target}x HF" if E >= 32 else ""),
             "yes" if ok else "NO",
         ])
@@ -74,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary += _moe_rows(skew, "skewed", 1.3, 1.7)
         for r in core.get("decode", []):
             ratio = r["ratio_to_one_by_one"]["grouped_mm"]
-            summary.append([f"MoE decode {tuple(r['shape'])} {r['tokens']} tokens", f"{ratio:.2f}x one-by-one{_iqr(r, 'grouped_mm')}", "<= 1x", "yes" if ratio <= 1 else "NO"])
+            summary.append([f"MoE decode {tuple(r['shape'])} {r['tokens']} tokens", f"{ratio_text(ratio, r['ratio_iqr']['grouped_mm'])} x one-by-one", "<= 1x", "yes" if ratio <= 1 else "NO"])
     if "train_step" in parts:
         from . import train_step
 
@@ -83,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         for row in (ts or {}).get("results", []):
             if "MoE" in row["name"]:
                 r = row["ratio_to_dense"]
-                summary.append([f"train step {row['name']}", f"{r:.2f}x dense step, MFU {row.get('mfu', float('nan')):.2f}", "<= 1.4x", "yes" if r <= 1.4 else "NO"])
+                summary.append([f"train step {row['name']}", f"{ratio_text(r, row['ratio_iqr'])} x dense step, MFU {row.get('mfu', float('nan')):.2f}", "<= 1.4x", "yes" if r <= 1.4 else "NO"])
     if "generate" in parts:
         from . import generate
 
@@ -93,11 +87,11 @@ def main(argv: list[str] | None = None) -> dict:
             target = row["batch_size"] >= 16
             best = max(row["ratio"], row["compiled_ratio"])
             summary.append([f"generate {row['model']} batch {row['batch_size']}",
-                            f"{row['ratio']:.2f}x transformers eager, {row['compiled_ratio']:.2f}x compiled",
+                            f"{ratio_text(row['ratio'], row['ratio_iqr'])} x transformers eager, {ratio_text(row['compiled_ratio'], row['compiled_ratio_iqr'])} x compiled",
                             ">= 2x" if target else "-", ("yes" if best >= 2 else "NO") if target else "-"])
     payload["summary"] = summary
     payload["seconds"] = time.time() - start
-    print_table(f"moelab benchmarks ({torch.get_num_threads()} threads, {payload['seconds']:.0f} s)", ["measurement", "result", "target", "met"], summary)
+    print_table(f"moelab benchmarks ({torch.get_num_threads()} threads, {payload['seconds']:.0f} s; interquartile range of each ratio in brackets)", ["measurement", "result", "target", "met"], summary)
     out = a.out or f"benchmarks/results/{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     write_json(out, payload)
     print(f"wrote {out}")

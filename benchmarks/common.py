@@ -49,14 +49,6 @@ def interleaved_times(
     return times
 
 
-def interleaved_medians(
-    fns: dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 2, min_seconds: float = 0.0, number: int = 1
-) -> dict[str, float]:
-    """Median seconds per call of each function over the rounds of :func:`interleaved_times`."""
-    samples = interleaved_times(fns, rounds=rounds, warmup=warmup, min_seconds=min_seconds, number=number)
-    return {name: statistics.median(ts) for name, ts in samples.items()}
-
-
 def paired_ratios(times: dict[str, list[float]], reference: str) -> dict[str, dict[str, float]]:
     """Each function's time over the reference's, round by round (both measured in the same round, so
     a slow phase of the machine scales both): ``{name: {"median", "q1", "q3"}}`` of the per-round
@@ -68,6 +60,20 @@ def paired_ratios(times: dict[str, list[float]], reference: str) -> dict[str, di
         q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else (ratios[0],) * 3
         out[name] = {"median": statistics.median(ratios), "q1": q1, "q3": q3}
     return out
+
+
+def summarise(times: dict[str, list[float]], reference: str) -> dict:
+    """What a benchmark stores for one comparison: ``seconds`` (median per function), ``ratio`` (median
+    per-round ratio to ``reference``) and ``ratio_iqr`` (its interquartile range, ``(q1, q3)``)."""
+    ratios = paired_ratios(times, reference)
+    return {"seconds": {n: statistics.median(ts) for n, ts in times.items()},
+            "ratio": {n: r["median"] for n, r in ratios.items()},
+            "ratio_iqr": {n: (r["q1"], r["q3"]) for n, r in ratios.items()}}
+
+
+def ratio_text(ratio: float, iqr: tuple[float, float] | None = None) -> str:
+    """``1.27 (1.22-1.31)``: a ratio with its interquartile range, when known."""
+    return f"{ratio:.2f}" + (f" ({iqr[0]:.2f}-{iqr[1]:.2f})" if iqr else "")
 
 
 def machine_info() -> dict:

@@ -15,8 +15,9 @@ static-shape decode step through ``torch.compile``; its first call, which compil
 shown in brackets). For each batch size the same random prompts (``--prompt-len`` tokens each)
 are decoded greedily for exactly ``--new-tokens`` tokens (moelab: ``stop_at_eos=False``; transformers:
 ``min_new_tokens = max_new_tokens``, ``do_sample=False``). Times are medians over interleaved rounds
-(:func:`benchmarks.common.interleaved_medians`), so machine drift hits both columns alike. Reported:
-generated tokens per second (batch x new tokens / wall time, prefill included) and the ratio, plus the
+(:func:`benchmarks.common.interleaved_times`), so machine drift hits both columns alike. Reported:
+generated tokens per second (batch x new tokens / wall time, prefill included) and the speed-up over
+transformers (the median of the per-round ratios, with its interquartile range), plus the
 fraction of generated tokens on which the two implementations agree (fp32 noise can flip near-ties).
 
     python -m benchmarks.generate [--models vocab32k,tiny,small,small-e64] [--batch-sizes 1,16] [--new-tokens 128]
@@ -37,7 +38,7 @@ import moelab
 from moelab.data.tokenizer import ByteTokenizer
 from moelab.eval.generate import generate
 
-from .common import interleaved_medians, machine_info, print_table, write_json
+from .common import interleaved_times, machine_info, print_table, ratio_text, summarise, write_json
 
 
 MODELS = ("vocab32k", "tiny", "small", "small-e64")
@@ -112,16 +113,21 @@ def bench_model(name: str, args, rows: list[list[str]]) -> list[dict]:
             return sum(a == b for x, y in zip(a_rows, b_rows) for a, b in zip(x, y)) / (bs * n)
 
         agree, agree_compiled = agreement(ours, theirs), agreement(compiled, theirs)
-        t = interleaved_medians({"moelab": run_moelab, "compiled": run_compiled, "transformers": run_hf},
-                                rounds=args.rounds, warmup=0)
+        timed = summarise(interleaved_times({"moelab": run_moelab, "compiled": run_compiled, "transformers": run_hf},
+                                            rounds=args.rounds, warmup=0), "transformers")
+        t = timed["seconds"]
         ours_tps, compiled_tps, hf_tps = (bs * n / t[k] for k in ("moelab", "compiled", "transformers"))
+        # speed-up = transformers' time / ours, round by round: the reciprocals of the per-round ratios
+        speedup = {k: 1 / timed["ratio"][k] for k in ("moelab", "compiled")}
+        speedup_iqr = {k: (1 / timed["ratio_iqr"][k][1], 1 / timed["ratio_iqr"][k][0]) for k in ("moelab", "compiled")}
         results.append({"model": name, "shape": shape, "batch_size": bs, "new_tokens": n, "moelab_tokens_per_s": ours_tps,
                         "compiled_tokens_per_s": compiled_tps, "first_compiled_call_s": compile_s,
-                        "transformers_tokens_per_s": hf_tps, "ratio": ours_tps / hf_tps,
-                        "compiled_ratio": compiled_tps / hf_tps, "token_agreement": agree,
+                        "transformers_tokens_per_s": hf_tps, "ratio": speedup["moelab"], "ratio_iqr": speedup_iqr["moelab"],
+                        "compiled_ratio": speedup["compiled"], "compiled_ratio_iqr": speedup_iqr["compiled"], "token_agreement": agree,
                         "compiled_token_agreement": agree_compiled})
         rows.append([name, shape, str(bs), f"{ours_tps:,.0f}", f"{compiled_tps:,.0f} ({compile_s:.0f} s)", f"{hf_tps:,.0f}",
-                     f"{ours_tps / hf_tps:.2f}x", f"{compiled_tps / hf_tps:.2f}x", f"{agree:.3f} / {agree_compiled:.3f}"])
+                     ratio_text(speedup["moelab"], speedup_iqr["moelab"]), ratio_text(speedup["compiled"], speedup_iqr["compiled"]),
+                     f"{agree:.3f} / {agree_compiled:.3f}"])
     return results
 
 

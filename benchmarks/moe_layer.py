@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from moelab.config import ModelConfig
 from moelab.model.moe import MoE, route
 
-from .common import interleaved_times, machine_info, paired_ratios, print_table, write_json
+from .common import interleaved_times, machine_info, print_table, ratio_text, summarise, write_json
 
 CORE_SHAPES = [(256, 512, 8, 2), (256, 128, 64, 8), (512, 256, 32, 4), (256, 64, 256, 8)]
 BATCHED_MM_MAX_BYTES = 2 * 2**30  # skip transformers' batched_mm above this much gathered weight memory
@@ -118,12 +117,9 @@ def bench_shape(d, d_expert, E, k, tokens, skew, rounds, with_transformers=True,
                 hf_impls.append(impl)
         except ImportError:
             pass
-    samples = interleaved_times(fns, rounds=rounds)
-    ratios = paired_ratios(samples, "dense")
-    return {"shape": (d, d_expert, E, k), "tokens": tokens, "max_over_mean_load": load,
-            "seconds": {n: statistics.median(ts) for n, ts in samples.items()},
-            "ratio_to_dense": {n: r["median"] for n, r in ratios.items()},
-            "ratio_iqr": {n: (r["q1"], r["q3"]) for n, r in ratios.items()}}
+    s = summarise(interleaved_times(fns, rounds=rounds), "dense")
+    return {"shape": (d, d_expert, E, k), "tokens": tokens, "max_over_mean_load": load, "seconds": s["seconds"],
+            "ratio_to_dense": s["ratio"], "ratio_iqr": s["ratio_iqr"]}
 
 
 def run(shapes, tokens=4096, skew=0.0, rounds=5, with_transformers=True, verbose=True) -> list[dict]:
@@ -137,14 +133,9 @@ def run(shapes, tokens=4096, skew=0.0, rounds=5, with_transformers=True, verbose
     return results
 
 
-def _with_iqr(median: float, iqr) -> str:
-    return f"{median:.2f} ({iqr[0]:.2f}-{iqr[1]:.2f})"
-
-
 def report(results: list[dict], title: str) -> None:
     names = ["grouped_mm", "loop", "naive", "hf_eager", "hf_batched_mm", "hf_grouped_mm"]
     cols = ["(d, F, E, k)", "load max/mean", "dense ms"] + [f"{n} /dense" for n in names] + ["hf best / ours"]
-    ours = names[0]
     rows = []
     for r in results:
         ratio = r["ratio_to_dense"]
@@ -152,7 +143,8 @@ def report(results: list[dict], title: str) -> None:
         best_hf = min(hf) if hf else math.nan
         rows.append(
             [str(r["shape"]), f"{r['max_over_mean_load']:.2f}", f"{1e3 * r['seconds']['dense']:.1f}"]
-            + [_with_iqr(ratio[n], r["ratio_iqr"][n]) if n == ours else f"{ratio[n]:.2f}" if n in ratio else "-" for n in names]
+            + [ratio_text(ratio["grouped_mm"], r["ratio_iqr"]["grouped_mm"])]  # ours, with its spread
+            + [ratio_text(ratio[n]) if n in ratio else "-" for n in names[1:]]
             + [f"{best_hf / ratio['grouped_mm']:.2f}x" if hf else "-"]
         )
     print_table(title, cols, rows)
@@ -197,19 +189,16 @@ def bench_decode(shapes=DECODE_SHAPES, token_counts=(1, 4, 16), rounds=20) -> li
             for b, m in modules.items():
                 fns[b] = (lambda m=m: m(x, with_losses=False))  # as when decoding
             with torch.inference_mode():
-                samples = interleaved_times(fns, rounds=rounds, number=10)  # calls of ~0.1 ms: time 10 at once
-            ratios = paired_ratios(samples, "one_by_one")
-            results.append({"shape": (d, d_expert, E, k), "tokens": T,
-                            "seconds": {n: statistics.median(ts) for n, ts in samples.items()},
-                            "ratio_to_one_by_one": {n: r["median"] for n, r in ratios.items()},
-                            "ratio_iqr": {n: (r["q1"], r["q3"]) for n, r in ratios.items()}})
+                s = summarise(interleaved_times(fns, rounds=rounds, number=10), "one_by_one")  # ~0.1 ms calls: 10 at once
+            results.append({"shape": (d, d_expert, E, k), "tokens": T, "seconds": s["seconds"],
+                            "ratio_to_one_by_one": s["ratio"], "ratio_iqr": s["ratio_iqr"]})
     return results
 
 
 def report_decode(results: list[dict]) -> None:
     rows = [[str(r["shape"]), str(r["tokens"]), f"{1e6 * r['seconds']['one_by_one'] / r['tokens']:.0f}"]
-            + [_with_iqr(r["ratio_to_one_by_one"]["grouped_mm"], r["ratio_iqr"]["grouped_mm"]),
-               f"{r['ratio_to_one_by_one']['loop']:.2f}"] for r in results]
+            + [ratio_text(r["ratio_to_one_by_one"]["grouped_mm"], r["ratio_iqr"]["grouped_mm"]),
+               ratio_text(r["ratio_to_one_by_one"]["loop"])] for r in results]
     print_table("MoE layer decode forward (inference), time / one-by-one selected experts",
                 ["(d, F, E, k)", "tokens", "one-by-one us/token", "grouped_mm /1x1", "loop /1x1"], rows)
 

@@ -12,12 +12,13 @@ Columns: tokens/s; achieved FLOP/s = ``accounting.train_flops_per_token`` (6 * N
 attention term, see :mod:`moelab.accounting`) * tokens/s; that as a fraction of the machine's fp32
 matmul rate, measured in this run on a large square matmul timed in the same interleaved rounds as the
 models (so load from other processes affects both alike); and each model's step time over the dense
-step time. Numbers are only comparable within one run (the machine may be shared).
+step time (median of the per-round ratios, with its interquartile range). Numbers are only comparable within one run (the machine may be shared).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 
@@ -27,7 +28,7 @@ from moelab.train.config import TrainConfig
 from moelab.train.flops import measure_matmul_flops
 from moelab.train.optim import build_optimizer
 
-from .common import interleaved_medians
+from .common import interleaved_times, paired_ratios, ratio_text
 
 
 def make_step(cfg: moelab.ModelConfig, batch: int, seq_len: int):
@@ -99,27 +100,31 @@ def main(argv: list[str] | None = None) -> dict:
     measure_matmul_flops(n=n, min_seconds=0.2)  # warm up the BLAS threads
     steps = {str(i): make_step(cfg, args.batch, args.seq_len) for i, (_, cfg) in enumerate(models)}
     steps["matmul"] = lambda: a @ b  # the matmul rate is timed in the same rounds
-    times = interleaved_medians(steps, rounds=3, min_seconds=args.seconds)
+    samples = interleaved_times(steps, rounds=3, min_seconds=args.seconds)
+    times = {key: statistics.median(ts) for key, ts in samples.items()}
     step_times, matmul_time = [times[str(i)] for i in range(len(models))], times["matmul"]
     matmul = 2 * n**3 / matmul_time
     tokens = args.batch * args.seq_len
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch} x {args.seq_len} tokens; "
           f"d_model {D}, layers {args.layers}, dense FFN width {F}")
     print(f"fp32 matmul rate ({n}x{n}, median of the same rounds): {matmul / 1e9:.1f} GFLOP/s\n")
-    header = f"{'model':<28}{'total':>9}{'active':>9}{'step ms':>10}{'tokens/s':>11}{'GFLOP/s':>9}{'of matmul':>11}{'vs dense':>10}"
+    header = f"{'model':<28}{'total':>9}{'active':>9}{'step ms':>10}{'tokens/s':>11}{'GFLOP/s':>9}{'of matmul':>11}{'vs dense (IQR)':>20}"
     print(header)
     print("-" * len(header))
     results = []
-    dense_time = None
-    for (name, cfg), dt in zip(models, step_times):
+    dense = None
+    for i, ((name, cfg), dt) in enumerate(zip(models, step_times)):
         if cfg.n_experts == 1:
-            dense_time = dt  # each group starts with its dense reference
+            dense = str(i)  # each group starts with its dense reference
+        vs_dense = paired_ratios({str(i): samples[str(i)], dense: samples[dense]}, dense)[str(i)]
         counts = accounting.param_counts(cfg)
         flops = accounting.train_flops_per_token(cfg, args.seq_len) * tokens / dt
         print(f"{name:<28}{accounting.human(counts.total):>9}{accounting.human(counts.active):>9}{dt * 1e3:>10.1f}"
-              f"{tokens / dt:>11,.0f}{flops / 1e9:>9.2f}{flops / matmul:>11.1%}{dt / dense_time:>10.2f}")
+              f"{tokens / dt:>11,.0f}{flops / 1e9:>9.2f}{flops / matmul:>11.1%}"
+              f"{ratio_text(vs_dense['median'], (vs_dense['q1'], vs_dense['q3'])):>20}")
         results.append({"name": name, "total_params": counts.total, "active_params": counts.active, "step_ms": dt * 1e3,
-                        "tokens_per_s": tokens / dt, "flops_per_s": flops, "mfu": flops / matmul, "ratio_to_dense": dt / dense_time})
+                        "tokens_per_s": tokens / dt, "flops_per_s": flops, "mfu": flops / matmul,
+                        "ratio_to_dense": vs_dense["median"], "ratio_iqr": (vs_dense["q1"], vs_dense["q3"])})
     print("\nFLOPs/token = 6*(active non-embedding params + LM head) + 6*L*T*d_attn (moelab.accounting).")
     return {"benchmark": "train_step", "matmul_flops_per_s": matmul, "args": vars(args), "results": results}
 
