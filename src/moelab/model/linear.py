@@ -48,15 +48,25 @@ def _packed_weight(w: torch.Tensor, layout: str = "nk") -> torch.Tensor:
     return packed
 
 
-@torch.library.custom_op("moelab::packed_linear", mutates_args=())
-def packed_linear(x_MK: torch.Tensor, w: torch.Tensor, layout: str = "nk") -> torch.Tensor:
-    """``x @ LAYOUTS[layout](w).T`` through the cached packed copy (CPU, no autograd)."""
+# Registered with ``torch.library.define`` / ``impl`` rather than ``torch.library.custom_op``: the latter's
+# Python wrapper (alias checks of the outputs) cost ~28 us per call against ~12 us here, eight calls per
+# decoding step of a 4-layer model.
+torch.library.define("moelab::packed_linear", "(Tensor x, Tensor w, str layout='nk') -> Tensor")
+
+
+@torch.library.impl("moelab::packed_linear", "cpu")
+def _packed_linear_cpu(x_MK: torch.Tensor, w: torch.Tensor, layout: str = "nk") -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x_MK, _packed_weight(w, layout), None, "none", [], "")
 
 
-@packed_linear.register_fake
+@torch.library.register_fake("moelab::packed_linear")
 def _(x_MK, w, layout="nk"):
     return x_MK.new_empty(*x_MK.shape[:-1], LAYOUTS[layout](w).shape[0])
+
+
+def packed_linear(x_MK: torch.Tensor, w: torch.Tensor, layout: str = "nk") -> torch.Tensor:
+    """``x @ LAYOUTS[layout](w).T`` through the cached packed copy (CPU, no autograd)."""
+    return torch.ops.moelab.packed_linear(x_MK, w, layout)
 
 
 def use_packed(x: torch.Tensor, w_NK: torch.Tensor) -> bool:  # w_NK: any stored weight, by its size
