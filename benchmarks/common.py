@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import statistics
 import time
 from pathlib import Path
@@ -28,8 +29,11 @@ def interleaved_times(
     have passed), measured round-robin.
 
     Each sample times ``number`` back-to-back calls (use > 1 for calls of ~100 us, whose single
-    timings are dominated by timer and scheduling noise). The order rotates every round, so no
-    function always runs right after the same other one (cache state, frequency ramps).
+    timings are dominated by timer and scheduling noise). Each round runs the functions in a fresh
+    order (a permutation seeded by the round number, so runs are repeatable), so no function always
+    runs right after the same other one, whose leftovers (cache contents, freed memory, clock
+    frequency) it would otherwise always inherit. Rotating one fixed order would not do that: it
+    keeps every function's predecessor.
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -39,7 +43,9 @@ def interleaved_times(
     start = time.perf_counter()
     r = 0
     while r < rounds or time.perf_counter() - start < min_seconds:
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        order = names[:]
+        random.Random(r).shuffle(order)
+        for name in order:
             fn = fns[name]
             t0 = time.perf_counter()
             for _ in range(number):

@@ -9,15 +9,22 @@ import pytest
 from benchmarks.common import interleaved_times, paired_ratios, ratio_text, summarise
 
 
-def test_interleaved_times_runs_every_function_each_round_in_rotating_order():
+def test_interleaved_times_runs_every_function_each_round_in_varying_order():
     calls: list[str] = []
-    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    times = interleaved_times(fns, rounds=4, warmup=1, number=2)
-    assert {n: len(ts) for n, ts in times.items()} == {"a": 4, "b": 4, "c": 4}
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
+    times = interleaved_times(fns, rounds=12, warmup=1, number=2)
+    assert {n: len(ts) for n, ts in times.items()} == {n: 12 for n in "abcd"}
     assert all(t >= 0 for ts in times.values() for t in ts)
-    timed = calls[3:]  # after one warm-up call each, rounds of 2 calls per function
-    rounds = [[timed[i] for i in range(r * 6, r * 6 + 6, 2)] for r in range(4)]
-    assert rounds == [list("abc"), list("bca"), list("cab"), list("abc")]
+    timed = calls[4:]  # after one warm-up call each, rounds of 2 calls per function
+    rounds = [[timed[i] for i in range(r * 8, r * 8 + 8, 2)] for r in range(12)]
+    assert all(sorted(order) == list("abcd") for order in rounds)
+    # no function always follows the same one (a rotated fixed order would keep every predecessor)
+    sequence = [name for order in rounds for name in order]
+    predecessors = {n: {p for p, q in zip(sequence, sequence[1:]) if q == n} for n in "abcd"}
+    assert all(len(p) >= 2 for p in predecessors.values()), predecessors
+    calls.clear()
+    interleaved_times(fns, rounds=12, warmup=1, number=2)
+    assert calls[4:] == timed  # the same orders again: repeatable
 
 
 def test_paired_ratios_cancel_drift_between_rounds():
