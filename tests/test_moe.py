@@ -218,7 +218,7 @@ def test_blocked_cpu_dispatch_matches_naive(block_bytes, monkeypatch):
 
 
 def test_l2_cache_bytes_reads_sysfs(tmp_path):
-    from moelab.model.moe import CPU_BLOCK_BYTES, l2_cache_bytes
+    from moelab.model.moe import l2_cache_bytes
 
     for i, (level, kind, size) in enumerate([("1", "Data", "48K"), ("1", "Instruction", "32K"), ("2", "Unified", "2048K"), ("3", "Unified", "300M")]):
         d = tmp_path / f"index{i}"
@@ -229,7 +229,26 @@ def test_l2_cache_bytes_reads_sysfs(tmp_path):
     (tmp_path / "index2" / "size").write_text("1M\n")
     assert l2_cache_bytes(tmp_path) == 1 << 20
     assert l2_cache_bytes(tmp_path / "missing") is None
-    assert (1 << 18) <= CPU_BLOCK_BYTES <= (1 << 22)
+
+
+def test_cpu_block_bytes_is_l2_per_thread_clamped(monkeypatch):
+    import moelab.model.moe as moe_module
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(moe_module, "_L2_BYTES", 2 << 20)
+    try:
+        torch.set_num_threads(1)
+        assert moe_module.cpu_block_bytes() == 2 << 20
+        torch.set_num_threads(2)
+        assert moe_module.cpu_block_bytes() == 4 << 20
+        monkeypatch.setattr(moe_module, "_L2_BYTES", None)  # unknown: 256 KiB per thread
+        assert moe_module.cpu_block_bytes() == 512 << 10
+        monkeypatch.setattr(moe_module, "_L2_BYTES", 64 << 20)  # clamped to 8 MiB
+        assert moe_module.cpu_block_bytes() == 8 << 20
+        monkeypatch.setattr(moe_module, "CPU_BLOCK_BYTES", 12345)  # an explicit setting wins
+        assert moe_module.cpu_block_bytes() == 12345
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _blocked_node(y):

@@ -211,20 +211,33 @@ def l2_cache_bytes(sysfs: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> 
     return None
 
 
-#: CPU: the activations (``[rows, 2F]``) of a block of experts fill about one core's L2 cache, clamped to
-#: 256 KiB - 4 MiB (256 KiB where it is unknown). Larger blocks mean fewer kernels and Python steps,
-#: smaller ones cache-resident elementwise work. On a 2-core Sapphire Rapids (2 MiB L2), 2 MiB instead
-#: of 256 KiB cut the layer's fwd+bwd time (``benchmarks/moe_layer.py`` shapes, three interleaved runs)
-#: by 20-26 % for E 256, 7-11 % for E 64, 2-10 % for E 8 and 0-3 % for E 32; 256 KiB was tuned on AMD
-#: EPYC hosts with 512 KiB of L2, where this rule now gives 512 KiB (not measured there).
-CPU_BLOCK_BYTES = min(max(l2_cache_bytes() or 1 << 18, 1 << 18), 1 << 22)
+_L2_BYTES = l2_cache_bytes()
+
+#: CPU: bytes of activations (``[rows, 2F]``) per block of experts; None (the default) means
+#: :func:`cpu_block_bytes`'s rule. Tests and users may set an int here (read at call time).
+CPU_BLOCK_BYTES: int | None = None
+
+
+def cpu_block_bytes() -> int:
+    """The CPU block size: one core's L2 cache (256 KiB where unknown) per intra-op thread -- the
+    elementwise work of a block is split over the threads, so each one's share stays in its L2 --
+    clamped to 256 KiB - 8 MiB. Larger blocks mean fewer kernels and Python steps, smaller ones
+    cache-resident elementwise work. On a 2-core Sapphire Rapids (2 MiB L2 per core, 2 threads),
+    ``benchmarks/moe_layer.py`` shapes, in-process paired runs: 2 MiB instead of 256 KiB cut the
+    layer's fwd+bwd time by 20-26 % for E 256, 7-11 % for E 64, 2-10 % for E 8 and 0-3 % for E 32;
+    4 MiB (this rule) instead of 2 MiB by a further 1-6 % for E 32, E 64 and E 256 (uniform and
+    skewed routing), E 8 unchanged (its experts fill a block each). Not measured on other CPUs."""
+    if CPU_BLOCK_BYTES is not None:
+        return CPU_BLOCK_BYTES
+    per_core = _L2_BYTES or 1 << 18
+    return min(max(per_core * torch.get_num_threads(), 1 << 18), 1 << 23)
 
 
 def expert_blocks(tokens_per_expert: list[int], row_bytes: int, block_bytes: int | None = None) -> list[tuple[int, int]]:
     """Split consecutive experts into blocks of ``(n_experts, n_rows)`` of about ``block_bytes`` (default
-    :data:`CPU_BLOCK_BYTES`, read at call time) of activations each (at least one expert per block)."""
+    :func:`cpu_block_bytes`, at call time) of activations each (at least one expert per block)."""
     if block_bytes is None:
-        block_bytes = CPU_BLOCK_BYTES
+        block_bytes = cpu_block_bytes()
     blocks: list[tuple[int, int]] = []
     n_experts = n_rows = 0
     for count in tokens_per_expert:
