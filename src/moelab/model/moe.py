@@ -402,47 +402,36 @@ def _experts_block(x_SD, weight_S, w_gate_up_E2FD, w_down_EDF, ends_E, dtype) ->
 def experts_per_slot(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.Tensor:
     """Decode path for a handful of slots on CPU: each slot's expert on its token, reading the
     expert's weights in place (no gather copy, no sort) -- the work of computing the selected
-    experts one by one, in the fewest kernels (called without autograd)."""
+    experts one by one, in the fewest kernels (called without autograd): per slot a matrix-vector
+    product (``torch.mv``), the SwiGLU, and the down projection added into the token's fp32 output.
+
+    The routing weight is a Python float (its exact fp32 value). In fp32 it is the ``alpha`` of the
+    ``addmv_`` that adds the down projection (five calls per slot instead of eight with ``F.linear``:
+    one token through two 1.5 MiB experts, E 8, d 256, F 512, went from 1.06-1.07x to 0.98-1.03x the
+    one-by-one floor in ``benchmarks/moe_layer.py``); in half precision it scales the activation (a
+    half-precision tensor times a Python scalar is computed in fp32) before a product whose result is
+    cast to fp32. Under autocast only the experts read are cast."""
     dtype, out_dtype = _compute_dtype(x_TD), x_TD.dtype
-    if dtype == out_dtype == w_gate_up_E2FD.dtype == w_down_EDF.dtype == torch.float32:
-        return _per_slot_fp32(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
     x_TD_c = _cast(x_TD, dtype)
-    rows = []
-    # the routing weights as Python floats (exact fp32 values): a half-precision activation times a
-    # Python scalar is computed in fp32, so the weight is still applied in fp32, with no tensor ops
-    for t, (experts, weights) in enumerate(zip(routing.expert_TK.tolist(), routing.weight_TK.tolist())):
-        x_1D, acc_1D = x_TD_c[t : t + 1], None
-        for e, w in zip(experts, weights):
-            gate_1F, up_1F = F.linear(x_1D, _cast(w_gate_up_E2FD[e], dtype)).chunk(2, dim=-1)  # cast only this expert
-            y_1D = _cast(F.linear(F.silu(gate_1F).mul_(up_1F).mul_(w), _cast(w_down_EDF[e], dtype)), torch.float32)
-            acc_1D = y_1D if acc_1D is None else acc_1D.add_(y_1D)
-        rows.append(acc_1D)
-    if not rows:
-        return x_TD.new_zeros(x_TD.shape)
-    return _cast(torch.cat(rows) if len(rows) > 1 else rows[0], out_dtype)
-
-
-def _per_slot_fp32(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.Tensor:
-    """:func:`experts_per_slot` when everything is fp32: matrix-vector products (``torch.mv``) on the
-    stored weights, and the routing weight applied as the ``alpha`` of the ``addmv_`` that adds each
-    expert's down projection into the token's output -- five calls per slot instead of eight. One token
-    through two 1.5 MiB experts (E 8, d 256, F 512): 0.89x the one-by-one floor against 1.02x in one
-    paired comparison; in ``benchmarks/moe_layer.py`` (layer called as a module) 0.98-1.03x, was 1.06-1.07x."""
     n_f = w_down_EDF.shape[2]
     rows = []
     for t, (experts, weights) in enumerate(zip(routing.expert_TK.tolist(), routing.weight_TK.tolist())):
-        x_D, out_D = x_TD[t], None
+        x_D, out_D = x_TD_c[t], None
         for e, w in zip(experts, weights):
-            h_2F = torch.mv(w_gate_up_E2FD[e], x_D)
+            h_2F = torch.mv(_cast(w_gate_up_E2FD[e], dtype), x_D)
             a_F = F.silu(h_2F[:n_f]).mul_(h_2F[n_f:])
-            if out_D is None:
-                out_D = torch.mv(w_down_EDF[e], a_F).mul_(w)
+            w_down_DF = _cast(w_down_EDF[e], dtype)
+            if dtype != torch.float32:
+                y_D = _cast(torch.mv(w_down_DF, a_F.mul_(w)), torch.float32)
+                out_D = y_D if out_D is None else out_D.add_(y_D)
+            elif out_D is None:
+                out_D = torch.mv(w_down_DF, a_F).mul_(w)
             else:
-                out_D.addmv_(w_down_EDF[e], a_F, alpha=w)
+                out_D.addmv_(w_down_DF, a_F, alpha=w)
         rows.append(out_D)
     if not rows:
         return x_TD.new_zeros(x_TD.shape)
-    return torch.stack(rows) if len(rows) > 1 else rows[0].unsqueeze(0)
+    return _cast(torch.stack(rows) if len(rows) > 1 else rows[0].unsqueeze(0), out_dtype)
 
 
 def _expert_runs(expert_S: list[int], max_len: int) -> list[tuple[int, int, int]]:
