@@ -5,13 +5,17 @@ For each shape (d, d_expert, E, k) at T tokens (fp32), this measures in one run:
 * moelab's ``MoE`` with each dispatch backend (``grouped_mm``, ``loop``; ``naive`` only where it is
   affordable),
 * a dense SwiGLU FFN of hidden width ``k * d_expert`` -- the same active FLOPs, no routing: the floor,
+* the layer's matmuls alone (:func:`matmuls_only`: router and per-expert products, forward and backward,
+  with the measured routing's group sizes, one BLAS call each, nothing else) -- a floor for any dropless
+  implementation that calls the BLAS once per expert and product,
 * transformers' ``MixtralSparseMoeBlock`` with each of its experts implementations (same weights;
   its ``eager`` Python loop over experts only up to :data:`HF_EAGER_MAX_EXPERTS` experts: above, it
   measured 17-540x the floor against 5-9x for its ``grouped_mm`` and would take most of the run),
 
 and prints times as ratios to the dense FFN: the median of the per-round ratios, with the
 interquartile range of ours in brackets (:func:`benchmarks.common.paired_ratios`). ``--skew S`` biases the router so that expert loads are
-uneven; the achieved max/mean load is printed.
+uneven; the achieved max/mean load is printed. ``FLOPs /dense`` (:func:`matmul_flop_ratio`) is the
+ratio of matmul FLOPs, router included: the layer's time ratio if every FLOP ran at the dense FFN's rate.
 
     python -m benchmarks.moe_layer [--tokens 4096] [--skew 0] [--shapes default|sparse|all] [--json out.json]
 """
@@ -75,6 +79,53 @@ def build_transformers_block(moe: MoE, d: int, d_expert: int, E: int, k: int, im
     return block
 
 
+def matmul_flop_ratio(d: int, d_expert: int, E: int, k: int) -> float:
+    """Matmul FLOPs of the MoE layer over the dense floor's, per token: the router's ``d*E`` plus ``k``
+    experts' ``3*d*d_expert`` multiply-adds against the dense FFN's ``3*d*(k*d_expert)`` (forward and
+    backward scale alike). The layer cannot beat this time ratio unless its matmuls run faster per FLOP
+    than the dense FFN's; for E 256, d_expert 64 the router alone makes it 2.33 (k 1), 1.33 (k 4) and
+    1.17 (k 8)."""
+    return (d * E + 3 * d * d_expert * k) / (3 * d * d_expert * k)
+
+
+def matmuls_only(moe: MoE, x_TD: torch.Tensor, counts: list[int]):
+    """A callable running the layer's matmuls alone, forward and backward, as one ``torch.mm`` each into
+    preallocated outputs (weights in their stored ``[out, in]`` layout, inputs contiguous):
+
+    * router: ``[T, D] x [D, E]``, and its gradients ``[T, E] x [E, D]`` and ``[E, T] x [T, D]``;
+    * each expert ``e`` with ``n = counts[e] > 0`` rows: gate/up ``[n, D] x [D, 2F]``, down
+      ``[n, F] x [F, D]``; input gradients ``[n, D] x [D, F]`` and ``[n, 2F] x [2F, D]``; weight
+      gradients ``[2F, n] x [n, D]`` and ``[D, n] x [n, F]``.
+
+    No routing, sort, gather, activation, combine or allocation: a floor, on this machine, for any dropless
+    implementation that calls the BLAS once per expert and product with the weights as stored (values
+    are random; only the shapes matter)."""
+    T, D = x_TD.shape
+    E, F2, _ = moe.w_gate_up.shape
+    S, Fh = sum(counts), F2 // 2
+    g = torch.Generator().manual_seed(0)
+
+    def buf(*shape):
+        return torch.randn(*shape, generator=g) * 0.1
+
+    w_gu, w_d, w_r = moe.w_gate_up.detach(), moe.w_down.detach(), moe.router.weight.detach()
+    x_SD, h_S2F, a_SF, y_SD = buf(S, D), buf(S, F2), buf(S, Fh), buf(S, D)
+    dy_SD, da_SF, dh_S2F, dx_SD = buf(S, D), buf(S, Fh), buf(S, F2), buf(S, D)
+    dw_gu, dw_d = torch.empty_like(w_gu), torch.empty_like(w_d)
+    logits_TE, dlogits_TE, dx_TD, dw_r = buf(T, E), buf(T, E), buf(T, D), torch.empty_like(w_r)
+    calls = [(x_TD, w_r.t(), logits_TE), (dlogits_TE, w_r, dx_TD), (dlogits_TE.t(), x_TD, dw_r)]
+    parts = [t.split(counts) for t in (x_SD, h_S2F, a_SF, y_SD, dy_SD, da_SF, dh_S2F, dx_SD)]
+    for e, (x, h, a, y, dy, da, dh, dx) in enumerate(zip(*parts)):
+        if counts[e]:
+            calls += [(x, w_gu[e].t(), h), (a, w_d[e].t(), y), (dy, w_d[e], da), (dh, w_gu[e], dx),
+                      (dh.t(), x, dw_gu[e]), (dy.t(), a, dw_d[e])]
+
+    def run():
+        for a, b, out in calls:
+            torch.mm(a, b, out=out)
+    return run
+
+
 def fwd_bwd(module, x, grad, reduce_out=lambda out: out):
     def step():
         module.zero_grad(set_to_none=True)
@@ -95,7 +146,7 @@ def bench_shape(d, d_expert, E, k, tokens, skew, rounds, with_transformers=True,
     counts = route(x, moe.router.weight, k, True).tokens_per_expert_E.float()
     load = (counts.max() / counts.mean()).item()
     grad = torch.randn(tokens, d)
-    fns = {"dense": fwd_bwd(DenseSwiGLU(d, k * d_expert), x, grad)}
+    fns = {"dense": fwd_bwd(DenseSwiGLU(d, k * d_expert), x, grad), "matmuls": matmuls_only(moe, x, counts.long().tolist())}
     backends = ["grouped_mm", "loop"]
     if with_naive if with_naive is not None else E <= 8:
         backends.append("naive")
@@ -119,6 +170,7 @@ def bench_shape(d, d_expert, E, k, tokens, skew, rounds, with_transformers=True,
             pass
     s = summarise(interleaved_times(fns, rounds=rounds), "dense")
     return {"shape": (d, d_expert, E, k), "tokens": tokens, "max_over_mean_load": load, "seconds": s["seconds"],
+            "flop_ratio": matmul_flop_ratio(d, d_expert, E, k),
             "ratio_to_dense": s["ratio"], "ratio_iqr": s["ratio_iqr"]}
 
 
@@ -135,14 +187,16 @@ def run(shapes, tokens=4096, skew=0.0, rounds=5, with_transformers=True, verbose
 
 def report(results: list[dict], title: str) -> None:
     names = ["grouped_mm", "loop", "naive", "hf_eager", "hf_batched_mm", "hf_grouped_mm"]
-    cols = ["(d, F, E, k)", "load max/mean", "dense ms"] + [f"{n} /dense" for n in names] + ["hf best / ours"]
+    cols = (["(d, F, E, k)", "load max/mean", "dense ms", "FLOPs /dense", "matmuls only /dense"]
+            + [f"{n} /dense" for n in names] + ["hf best / ours"])
     rows = []
     for r in results:
         ratio = r["ratio_to_dense"]
         hf = [ratio[n] for n in names if n.startswith("hf_") and n in ratio]
         best_hf = min(hf) if hf else math.nan
         rows.append(
-            [str(r["shape"]), f"{r['max_over_mean_load']:.2f}", f"{1e3 * r['seconds']['dense']:.1f}"]
+            [str(r["shape"]), f"{r['max_over_mean_load']:.2f}", f"{1e3 * r['seconds']['dense']:.1f}",
+             f"{r['flop_ratio']:.2f}", ratio_text(ratio["matmuls"], r["ratio_iqr"]["matmuls"])]
             + [ratio_text(ratio["grouped_mm"], r["ratio_iqr"]["grouped_mm"])]  # ours, with its spread
             + [ratio_text(ratio[n]) if n in ratio else "-" for n in names[1:]]
             + [f"{best_hf / ratio['grouped_mm']:.2f}x" if hf else "-"]

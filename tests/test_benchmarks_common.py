@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 
 import pytest
+import torch
 
 from benchmarks.common import interleaved_times, paired_ratios, ratio_text, summarise
 
@@ -72,3 +73,54 @@ def test_summary_layer_targets_follow_the_issue_for_uniform_and_skewed_routing()
     ]}
     met = [row[-1] for row in _moe_rows(payload, "skewed")]
     assert met == ["NO", "yes", "yes", "NO", "NO"]
+
+
+def test_summary_names_bounds_that_put_the_dense_target_out_of_reach():
+    """A missed dense target is marked out of reach when the router's FLOPs or the matmuls alone
+    already exceed it; a missed target within reach is a plain NO."""
+    from benchmarks.__main__ import _moe_rows
+    from benchmarks.moe_layer import matmul_flop_ratio
+
+    def result(shape, ours, matmuls, hf=None):
+        ratio = {"grouped_mm": ours, "matmuls": matmuls} | ({"hf_grouped_mm": hf} if hf else {})
+        return {"shape": shape, "max_over_mean_load": 1.5, "ratio_to_dense": ratio, "ratio_iqr": {"grouped_mm": (ours, ours)},
+                "flop_ratio": matmul_flop_ratio(*shape)}
+
+    rows = _moe_rows({"results": [
+        result((256, 64, 256, 1), 6.0, 3.9, hf=7.0),  # router FLOPs alone: 2.33x
+        result((256, 128, 64, 8), 1.4, 1.2, hf=3.0),  # matmuls alone 1.2x > 1.15x
+        result((256, 512, 8, 2), 1.2, 0.9),  # within reach, missed
+        result((256, 512, 8, 2), 1.1, 0.9),
+    ]}, "uniform")
+    assert rows[0][-1] == "NO (dense target out of reach: FLOPs 2.33x, matmuls alone 3.90x)"
+    assert rows[1][-1] == "NO (dense target out of reach: matmuls alone 1.20x)"
+    assert [r[-1] for r in rows[2:]] == ["NO", "yes"]
+    assert "matmuls alone 0.90x" in rows[2][1]
+
+
+def test_matmul_flop_ratio_counts_router_and_active_experts():
+    """The ratio of the layer's matmul FLOPs (router + k experts) to the dense floor's, checked against
+    torch's FLOP counter on the real modules, and the matmuls-only floor runs 3x the forward's FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.moe_layer import DenseSwiGLU, matmul_flop_ratio, matmuls_only
+    from moelab.config import ModelConfig
+    from moelab.model.moe import MoE, route
+
+    d, f, E, k, T = 16, 8, 6, 2, 40
+    moe = MoE(ModelConfig(d_model=d, d_expert=f, n_experts=E, top_k=k, n_heads=2, moe_backend="loop"))
+    moe.reset_parameters(0.1)
+    x = torch.randn(T, d)
+
+    def flops(fn):
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    moe_fwd = flops(lambda: moe(x, with_losses=False))
+    dense_fwd = flops(lambda: DenseSwiGLU(d, k * f)(x))
+    assert moe_fwd == 2 * T * d * E + 2 * T * k * 3 * d * f and dense_fwd == 2 * T * 3 * d * k * f
+    assert matmul_flop_ratio(d, f, E, k) == pytest.approx(moe_fwd / dense_fwd)
+    counts = route(x, moe.router.weight, k, True).tokens_per_expert_E.tolist()
+    assert flops(matmuls_only(moe, x, counts)) == 3 * moe_fwd
+    assert matmul_flop_ratio(256, 64, 256, 1) == pytest.approx(7 / 3)
