@@ -28,6 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from moelab.accounting import param_counts
 from moelab.config import ModelConfig
 from moelab.model.moe import MoE, route
 
@@ -80,12 +81,13 @@ def build_transformers_block(moe: MoE, d: int, d_expert: int, E: int, k: int, im
 
 
 def matmul_flop_ratio(d: int, d_expert: int, E: int, k: int) -> float:
-    """Matmul FLOPs of the MoE layer over the dense floor's, per token: the router's ``d*E`` plus ``k``
-    experts' ``3*d*d_expert`` multiply-adds against the dense FFN's ``3*d*(k*d_expert)`` (forward and
-    backward scale alike). The layer cannot beat this time ratio unless its matmuls run faster per FLOP
-    than the dense FFN's; for E 256, d_expert 64 the router alone makes it 2.33 (k 1), 1.33 (k 4) and
-    1.17 (k 8)."""
-    return (d * E + 3 * d * d_expert * k) / (3 * d * d_expert * k)
+    """Matmul FLOPs of the MoE layer over the dense floor's, per token: its router and ``k`` active
+    experts' weights against the dense FFN's ``k * d_expert`` hidden units, which are as many weights as
+    the active experts' (:func:`moelab.accounting.param_counts`; forward and backward scale alike). The
+    layer cannot beat this time ratio unless its matmuls run faster per FLOP than the dense FFN's; for
+    E 256, d_expert 64 the router alone makes it 2.33 (k 1), 1.33 (k 4) and 1.17 (k 8)."""
+    c = param_counts(ModelConfig(d_model=d, d_expert=d_expert, n_experts=E, top_k=k, n_heads=1, head_dim=2))
+    return (c.router + c.experts_active) / c.experts_active
 
 
 def matmuls_only(moe: MoE, x_TD: torch.Tensor, counts: list[int]):
@@ -143,10 +145,10 @@ def bench_shape(d, d_expert, E, k, tokens, skew, rounds, with_transformers=True,
     moe.reset_parameters(0.02)
     with torch.no_grad():
         moe.router.weight.copy_(router)
-    counts = route(x, moe.router.weight, k, True).tokens_per_expert_E.float()
-    load = (counts.max() / counts.mean()).item()
+    counts_E = route(x, moe.router.weight, k, True).tokens_per_expert_E
+    load = (counts_E.max() / counts_E.float().mean()).item()
     grad = torch.randn(tokens, d)
-    fns = {"dense": fwd_bwd(DenseSwiGLU(d, k * d_expert), x, grad), "matmuls": matmuls_only(moe, x, counts.long().tolist())}
+    fns = {"dense": fwd_bwd(DenseSwiGLU(d, k * d_expert), x, grad), "matmuls": matmuls_only(moe, x, counts_E.tolist())}
     backends = ["grouped_mm", "loop"]
     if with_naive if with_naive is not None else E <= 8:
         backends.append("naive")
