@@ -19,7 +19,7 @@ import torch
 
 from moelab.train.flops import measure_matmul_flops
 
-from .common import machine_info, print_table, ratio_text, write_json
+from .common import machine_info, print_table, ratio_text, setup, write_json
 
 PARTS = ("moe_layer", "train_step", "generate")
 SKEW = 0.4  # router bias of the skewed runs: max/mean expert load ~1.2 (E=8) to ~10 (E=256); printed per shape
@@ -63,6 +63,7 @@ def _moe_rows(payload: dict, label: str, hf_target: float = HF_TARGET) -> list[l
 
 
 def main(argv: list[str] | None = None) -> dict:
+    setup()  # keep freed memory: no page faults timed (benchmarks.common.setup)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     p.add_argument("--quick", action="store_true", help="fewer rounds and shapes (a smoke run, noisier)")
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     payload["summary"] = summary
     payload["seconds"] = time.time() - start
     print_table(f"moelab benchmarks ({torch.get_num_threads()} threads, {payload['seconds']:.0f} s; interquartile range of each ratio in brackets)", ["measurement", "result", "target", "met"], summary)
+    print(f"memory allocator: {payload['machine']['allocator']}")
     out = a.out or f"benchmarks/results/{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     write_json(out, payload)
     print(f"wrote {out}")

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from moelab.allocator import allocator_state, keep_freed_memory
 from moelab.io import atomic_write_json
 
 
@@ -82,8 +83,21 @@ def ratio_text(ratio: float, iqr: tuple[float, float] | None = None) -> str:
     return f"{ratio:.2f}" + (f" ({iqr[0]:.2f}-{iqr[1]:.2f})" if iqr else "")
 
 
+def setup() -> None:
+    """Every benchmark's first step: keep freed CPU memory for reuse
+    (:func:`moelab.allocator.keep_freed_memory`), so that an implementation whose temporaries exceed
+    glibc's 32 MiB mmap threshold is not timed paying a page fault per 4 KiB page on every call. With
+    glibc's defaults the dense floor of the wide layer shapes (hidden width 1 024 at 4 096 tokens:
+    33.5 MB activations) paid them and moelab's layer (blocks under 4 MiB) did not, which flattered the
+    layer's ratios (E 64: 1.29x the floor with glibc's defaults, 1.70x with freed memory kept, in two runs
+    of ``benchmarks/moe_layer.py`` minutes apart). As in the
+    ``moelab`` command, ``MOELAB_SYSTEM_MALLOC=1`` keeps the defaults; the JSON records which was used."""
+    keep_freed_memory()
+
+
 def machine_info() -> dict:
     return {
+        "allocator": allocator_state(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),

@@ -38,7 +38,7 @@ import moelab
 from moelab.data.tokenizer import ByteTokenizer
 from moelab.eval.generate import generate
 
-from .common import interleaved_times, machine_info, print_table, ratio_text, summarise, write_json
+from .common import interleaved_times, machine_info, print_table, ratio_text, setup, summarise, write_json
 
 
 MODELS = ("vocab32k", "tiny", "small", "small-e64")
@@ -132,6 +132,7 @@ def bench_model(name: str, args, rows: list[list[str]]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    setup()  # keep freed memory: no page faults timed (benchmarks.common.setup)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS}")
     p.add_argument("--batch-sizes", default="1,16")

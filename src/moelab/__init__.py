@@ -9,6 +9,7 @@ Public API::
     model = moelab.load("ckpt/")                 # a moelab checkpoint or a Hugging Face Mixtral directory
     moelab.export_hf(model, "hf_out/")           # MixtralForCausalLM.from_pretrained("hf_out/") works
     moelab.accounting.summarize(cfg, tokens=10**9)
+    moelab.keep_freed_memory()                   # CPU: reuse freed memory instead of page-faulting (glibc)
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from . import accounting
+from .allocator import keep_freed_memory
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, DataError, MoelabError
 
 __version__ = "0.1.0"
 __all__ = [
-    "ModelConfig", "build", "load", "save", "export_hf", "accounting",
+    "ModelConfig", "build", "load", "save", "export_hf", "accounting", "keep_freed_memory",
     "MoelabError", "ConfigError", "CheckpointError", "DataError",
 ]
 

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .allocator import keep_freed_memory
 from .errors import MoelabError
 
 app = typer.Typer(
@@ -192,7 +193,10 @@ _ABORT = (*_click_exceptions("Abort"), typer.Abort)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the app, turn user errors into one line and a non-zero exit status."""
+    """Entry point: run the app, turn user errors into one line and a non-zero exit status.
+    Keeps freed CPU memory for reuse (:func:`moelab.allocator.keep_freed_memory`; opt out with
+    ``MOELAB_SYSTEM_MALLOC=1``)."""
+    keep_freed_memory()
     _mount_subcommands()
     try:
         rc = app(args=argv, prog_name="moelab", standalone_mode=False)
