@@ -68,3 +68,25 @@ def test_the_moelab_command_keeps_freed_memory():
 def test_state_reports_system_default_before_any_call(monkeypatch):
     monkeypatch.setattr(allocator, "_state", None)
     assert allocator.allocator_state() == "system default"
+
+
+def test_large_allocations_still_work_off_the_main_thread():
+    """With no mmap allowed, a thread's arena cannot hold a 256 MiB block; glibc must fall back to the
+    main heap rather than fail."""
+    code = textwrap.dedent(
+        """
+        import threading, torch
+        from moelab.allocator import keep_freed_memory
+        assert keep_freed_memory()
+        out = {}
+        def work():
+            x = torch.ones(64 * 2**20)  # 256 MiB
+            out["sum"] = float(x.sum())
+        t = threading.Thread(target=work)
+        t.start(); t.join()
+        print(out["sum"])
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "MOELAB_SYSTEM_MALLOC": "0"}, timeout=120)
+    assert float(run.stdout.split()[-1]) == 64 * 2**20
