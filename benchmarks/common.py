@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from moelab.allocator import allocator_state, keep_freed_memory
+from moelab.errors import MoelabError
 from moelab.io import atomic_write_json
 
 
@@ -91,8 +92,12 @@ def setup() -> None:
     33.5 MB activations) paid them and moelab's layer (blocks under 4 MiB) did not, which flattered the
     layer's ratios (E 64: 1.29x the floor with glibc's defaults, 1.70x with freed memory kept, in two runs
     of ``benchmarks/moe_layer.py`` minutes apart). As in the
-    ``moelab`` command, ``MOELAB_SYSTEM_MALLOC=1`` keeps the defaults; the JSON records which was used."""
-    keep_freed_memory()
+    ``moelab`` command, ``MOELAB_SYSTEM_MALLOC=1`` keeps the defaults; the JSON records which was used.
+    A value of that variable it does not understand ends the run with a one-line error (exit 1)."""
+    try:
+        keep_freed_memory()
+    except MoelabError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def machine_info() -> dict:

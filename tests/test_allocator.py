@@ -90,3 +90,21 @@ def test_large_allocations_still_work_off_the_main_thread():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "MOELAB_SYSTEM_MALLOC": "0"}, timeout=120)
     assert float(run.stdout.split()[-1]) == 64 * 2**20
+
+
+@pytest.mark.parametrize("value, kept", [("true", False), ("ON", False), ("0", True), ("off", True), ("", True)])
+def test_opt_out_accepts_the_usual_boolean_spellings(value, kept):
+    setup = "from moelab.allocator import keep_freed_memory\nprint(keep_freed_memory())"
+    state, _ = _probe(setup, MOELAB_SYSTEM_MALLOC=value)
+    assert state == str(kept)
+
+
+def test_a_bad_opt_out_value_is_a_one_line_error_from_the_command_and_the_benchmarks():
+    env = {**os.environ, "MOELAB_SYSTEM_MALLOC": "maybe"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for argv in ([sys.executable, "-m", "moelab", "count", "--help"], [sys.executable, "-m", "benchmarks", "--only", "train_step"]):
+        run = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=root, timeout=120)
+        assert run.returncode == 1, argv
+        assert "Traceback" not in run.stderr
+        lines = [line for line in run.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "MOELAB_SYSTEM_MALLOC='maybe'" in lines[0] and lines[0].startswith("error:"), run.stderr

@@ -14,7 +14,7 @@ mapped on its own) and ``mallopt(M_TRIM_THRESHOLD, 2**31 - 1)`` (freed memory st
 which is what jemalloc or tcmalloc do by default and what the CUDA caching allocator does on GPUs.
 The cost is that the process keeps its peak heap size until it exits. Only glibc (Linux) has these
 settings; elsewhere it does nothing. The ``moelab`` command applies it at start-up unless
-``MOELAB_SYSTEM_MALLOC=1``; Python users may call it themselves (once, early).
+``MOELAB_SYSTEM_MALLOC=1`` (or true/yes/on); Python users may call it themselves (once, early).
 """
 
 from __future__ import annotations
@@ -24,28 +24,35 @@ import ctypes.util
 import os
 import platform
 
+from .errors import ConfigError
+
 # glibc <malloc.h>
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-#: environment variable that keeps the system allocator's defaults when set to 1
+#: environment variable that keeps the system allocator's defaults when set to 1 (or true/yes/on)
 OPT_OUT_ENV = "MOELAB_SYSTEM_MALLOC"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 _state: str | None = None
 
 
 def allocator_state() -> str:
-    """What :func:`keep_freed_memory` did in this process: ``"kept freed memory (glibc)"``,
-    ``"system default"`` (not called, opted out, or not glibc)."""
+    """What :func:`keep_freed_memory` did in this process: ``"kept freed memory (glibc mallopt ...)"``
+    or ``"system default"`` (not called, opted out, not glibc, or ``mallopt`` refused)."""
     return _state or "system default"
 
 
 def keep_freed_memory() -> bool:
     """Make glibc's malloc serve large allocations from its heap and keep freed memory (see the module
     docstring). Returns True when the setting is in effect. Idempotent (the first call decides); does
-    nothing when not on glibc or when ``MOELAB_SYSTEM_MALLOC=1``."""
+    nothing when not on glibc or when ``MOELAB_SYSTEM_MALLOC=1``. Raises :class:`ConfigError` for any
+    other value of that variable than 0/1, false/true, no/yes, off/on (or empty)."""
     global _state
     if _state is not None:
         return _state != "system default"
-    if os.environ.get(OPT_OUT_ENV) == "1" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    opt_out = os.environ.get(OPT_OUT_ENV, "").strip().lower()
+    if opt_out not in _TRUE + _FALSE:
+        raise ConfigError(f"{OPT_OUT_ENV}={os.environ[OPT_OUT_ENV]!r} is not understood; set it to 1 to keep the system allocator or 0 (or unset it) to keep freed memory")
+    if opt_out in _TRUE or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         _state = "system default"
         return False
     try:

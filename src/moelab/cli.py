@@ -196,9 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turn user errors into one line and a non-zero exit status.
     Keeps freed CPU memory for reuse (:func:`moelab.allocator.keep_freed_memory`; opt out with
     ``MOELAB_SYSTEM_MALLOC=1``)."""
-    keep_freed_memory()
     _mount_subcommands()
     try:
+        keep_freed_memory()
         rc = app(args=argv, prog_name="moelab", standalone_mode=False)
     except MoelabError as e:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
