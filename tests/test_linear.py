@@ -104,3 +104,37 @@ def test_expert_layouts(packed_always, monkeypatch, layout):
         torch.testing.assert_close(linear_module.packed_linear(x, w, layout), want, rtol=1e-5, atol=1e-5)
         w.mul_(-1)  # the derived packed copy follows the weight too
         torch.testing.assert_close(linear_module.packed_linear(x, w, layout), -want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["nk", "experts_gate_up", "experts_down"])
+def test_weights_made_in_inference_mode_are_not_packed(packed_always, monkeypatch, layout):
+    """An inference tensor has no version counter: it multiplies unpacked, and in-place changes show."""
+    seen = calls(monkeypatch)
+    with torch.inference_mode():
+        w = torch.randn(48, 32) if layout == "nk" else torch.randn(4, 6, 5)
+        x = torch.randn(3, 32 if layout == "nk" else (5 if layout == "experts_gate_up" else 20))
+        want = F.linear(x, linear_module.LAYOUTS[layout](w))
+        torch.testing.assert_close(linear_module.packed_linear(x, w, layout), want, rtol=1e-5, atol=1e-5)
+        w.mul_(-1)
+        torch.testing.assert_close(linear_module.packed_linear(x, w, layout), -want, rtol=1e-5, atol=1e-5)
+    assert not seen  # never packed
+
+
+def test_model_built_in_inference_mode_runs_and_generates():
+    """``moelab.build`` / load under ``torch.inference_mode()`` (a common way to load for evaluation):
+    forward, eager and compiled decoding agree with a model built normally."""
+    import moelab
+    from moelab.data.tokenizer import ByteTokenizer
+    from moelab.eval.generate import generate
+
+    cfg = moelab.ModelConfig(vocab_size=257, d_model=64, n_layers=2, n_heads=4, d_expert=1024, n_experts=4, top_k=2)
+    normal = moelab.build(cfg, seed=0).eval()
+    with torch.inference_mode():
+        inference = moelab.build(cfg, seed=0).eval()
+        assert inference.lm_head.weight.is_inference()
+        x = torch.randint(0, 257, (2, 12))
+        torch.testing.assert_close(inference(x).logits, normal(x).logits, rtol=1e-5, atol=1e-5)
+    tok, prompts = ByteTokenizer(), ["the cat", "a b c", "xyz", "hello"] * 4
+    want = [g.token_ids for g in generate(normal, tok, prompts, max_new_tokens=6, batch_size=16)]
+    assert [g.token_ids for g in generate(inference, tok, prompts, max_new_tokens=6, batch_size=16)] == want
+    assert [g.token_ids for g in generate(inference, tok, prompts, max_new_tokens=6, batch_size=16, compile=True)] == want

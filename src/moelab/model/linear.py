@@ -8,6 +8,9 @@ on first use without autograd and re-made whenever the weight changes (its versi
 storage), so training, loading a checkpoint or ``model.to(...)`` can never leave it stale. Small
 weights (under :data:`PACK_MIN_BYTES`), training, other devices and dtypes use ``F.linear`` unchanged.
 The packed copy costs the weight's size again in memory while the model is used for inference.
+A weight made under ``torch.inference_mode()`` (an inference tensor) has no version counter, so it is
+never packed: it multiplies with ``F.linear`` (a model built or loaded in inference mode works, without
+the speed-up).
 
 The packed multiply is the custom op ``moelab::packed_linear``, so ``torch.compile`` keeps it as one
 call (its packed weight is looked up at run time, never baked into a graph).
@@ -56,6 +59,8 @@ torch.library.define("moelab::packed_linear", "(Tensor x, Tensor w, str layout='
 
 @torch.library.impl("moelab::packed_linear", "cpu")
 def _packed_linear_cpu(x_MK: torch.Tensor, w: torch.Tensor, layout: str = "nk") -> torch.Tensor:
+    if w.is_inference():  # made under torch.inference_mode(): no version counter to tell a stale copy by
+        return F.linear(x_MK, LAYOUTS[layout](w))
     return torch.ops.mkldnn._linear_pointwise(x_MK, _packed_weight(w, layout), None, "none", [], "")
 
 
