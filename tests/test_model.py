@@ -133,3 +133,30 @@ def test_bf16_autocast_forward_backward():
     assert out.logits.dtype == torch.float32 and torch.isfinite(out.loss)
     assert abs(out.loss.item() - ref.loss.item()) < 0.05
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_float64_model_keeps_float64_and_has_exact_gradients():
+    """A float64 model (e.g. for gradient checks) computes in float64 throughout: logits and loss in
+    float64, equal to the fp32 model's to fp32 precision, decoding with the cache equals full recompute
+    to float64 precision, and the loss's gradient with respect to a few parameters passes gradcheck."""
+    model64, model32 = tiny().double(), tiny()
+    ids = torch.randint(0, 61, (2, 12))
+    out64, out32 = model64(ids[:, :-1], ids[:, 1:]), model32(ids[:, :-1], ids[:, 1:])
+    assert out64.logits.dtype == out64.loss.dtype == torch.float64
+    assert out64.loss.item() == pytest.approx(out32.loss.item(), rel=1e-5)
+    out64.loss.backward()  # the training path (grouped_mm takes no float64: it runs as the loop backend)
+    model64.zero_grad(set_to_none=True)
+
+    with torch.no_grad():
+        full = model64(ids).logits
+        cache = KVCache.empty(model64.config, 2, 16, dtype=torch.float64)
+        steps = [model64(ids[:, :6], cache=cache).logits] + [model64(ids[:, t : t + 1], cache=cache).logits for t in range(6, 12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-10, atol=1e-10)
+
+    names = ["layers.0.moe.router.weight", "layers.1.ffn_norm.weight", "norm.weight"]
+    params = dict(model64.named_parameters())
+
+    def loss(*ws):
+        return torch.func.functional_call(model64, {**params, **dict(zip(names, ws))}, (ids[:, :-1], ids[:, 1:])).loss
+
+    assert torch.autograd.gradcheck(loss, tuple(params[n].detach().clone().requires_grad_(True) for n in names))

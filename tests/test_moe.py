@@ -161,6 +161,51 @@ def test_router_runs_in_fp32_under_bf16_input():
     assert y.dtype == torch.bfloat16
 
 
+def test_router_runs_in_fp32_under_autocast():
+    """Autocast would run the router's product in bf16; routing stays fp32 and unchanged by it."""
+    moe = make_moe(8, 2)
+    x = torch.randn(64, 16)
+    want = route(x, moe.router.weight, 2, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = route(x, moe.router.weight, 2, True)
+    assert got.logits_TE.dtype == torch.float32
+    assert torch.equal(got.logits_TE, want.logits_TE) and torch.equal(got.expert_TK, want.expert_TK)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm", [True, False])
+def test_float64_gradcheck(backend, norm):
+    """In float64 every backend (``grouped_mm`` runs as ``loop``: grouped_mm takes no float64) has
+    exact analytic gradients -- output and router losses, with respect to the input, the router and
+    the experts (``torch.autograd.gradcheck``: no precision is dropped to fp32 on the way)."""
+    moe = make_moe(4, 2, D=8, Fh=5, backend=backend, norm=norm).double()
+    names = [n for n, _ in moe.named_parameters()]
+
+    def f(x, *params):
+        y, aux = torch.func.functional_call(moe, dict(zip(names, params)), (x,))
+        return y, aux.aux_loss + aux.z_loss
+
+    x = torch.randn(7, 8, dtype=torch.float64, requires_grad=True)
+    params = [p.detach().clone().requires_grad_(True) for p in moe.parameters()]
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+
+@pytest.mark.parametrize("T", [1, 3, 16, 40])
+def test_float64_inference_paths_match_naive(T):
+    """Decode and batch inference paths (per slot, strided runs, all experts, grouped, static) keep
+    float64 end to end: equal to the reference to float64 precision."""
+    moe = make_moe(8, 2, backend="grouped_mm").double()
+    x = torch.randn(T, 16, dtype=torch.float64)
+    with torch.no_grad():
+        y, _ = moe(x, with_losses=False)
+        y_static, _ = moe(x, with_losses=False, static_shapes=True)
+        moe.set_backend("naive")
+        ref, _ = moe(x, with_losses=False)
+    assert y.dtype == y_static.dtype == torch.float64
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y_static, ref, rtol=1e-12, atol=1e-12)
+
+
 def test_grouped_mm_is_deterministic(combine_strategy):
     moe = make_moe(16, 4, backend="grouped_mm")
     x = torch.randn(200, 16)

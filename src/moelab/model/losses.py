@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .precision import to_acc
+
 
 def load_balancing_loss(probs_TE: torch.Tensor, tokens_per_expert_E: torch.Tensor, top_k: int, coef: float) -> torch.Tensor:
     """``coef * E * sum_i f_i * P_i``; ``probs_TE`` are the fp32 softmax probabilities over all experts.
@@ -29,8 +31,8 @@ def load_balancing_loss(probs_TE: torch.Tensor, tokens_per_expert_E: torch.Tenso
 
 
 def router_z_loss(logits_TE: torch.Tensor, coef: float) -> torch.Tensor:
-    """``coef * mean_t logsumexp(logits_t)^2`` computed in fp32."""
+    """``coef * mean_t logsumexp(logits_t)^2`` computed in (at least) fp32."""
     if logits_TE.shape[0] == 0:
         return logits_TE.new_zeros(())
-    z_T = torch.logsumexp(logits_TE.float(), dim=-1)
+    z_T = torch.logsumexp(to_acc(logits_TE), dim=-1)
     return coef * torch.mean(z_T.square())

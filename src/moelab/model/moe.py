@@ -30,8 +30,9 @@ Dispatch backends (selected by ``ModelConfig.moe_backend``), all numerically equ
   expert runs on every token (``experts_all_dense``): about the same weights read (most experts are
   touched), in two products instead of two per expert.
   ``MoE(..., static_shapes=True)`` (the compiled decode step) uses :func:`experts_static`.
+  In a dtype ``grouped_mm`` does not take (float64, e.g. for numerical checks) it runs as ``loop``.
 * ``loop`` -- the same sort, then a Python loop of plain matmuls over per-expert slices (works on any
-  torch; synchronises once to read the group sizes).
+  torch and dtype; synchronises once to read the group sizes).
 * ``naive`` -- the reference for tests: every expert on every token, weighted by a dense ``[T, E]``
   matrix that is zero for unselected experts. Slow and obviously correct.
 """
@@ -52,10 +53,17 @@ from ..config import ModelConfig
 from .grouped_mm import grouped_linear
 from .linear import packed_linear, use_packed
 from .losses import load_balancing_loss, router_z_loss
+from .precision import acc_dtype, to_acc
 from .swiglu import weighted_swiglu, weighted_swiglu_backward, weighted_swiglu_forward
 
 BACKENDS = ("grouped_mm", "loop", "naive")
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+#: Dtypes ``torch.nn.functional.grouped_mm`` accepts; others (float64) dispatch like the ``loop`` backend.
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _grouped_mm_supports(x: torch.Tensor) -> bool:
+    return _HAS_GROUPED_MM and _compute_dtype(x) in GROUPED_MM_DTYPES
 
 
 @dataclass
@@ -78,8 +86,14 @@ class Routing:
 
 
 def route(x_TD: torch.Tensor, w_router_ED: torch.Tensor, top_k: int, norm_topk_prob: bool) -> Routing:
-    """fp32 softmax -> top-k -> optional renormalisation. Pure function of its inputs."""
-    logits_TE = F.linear(_cast(x_TD, torch.float32), _cast(w_router_ED, torch.float32))
+    """fp32 (at least: float64 stays float64) logits -> softmax -> top-k -> optional renormalisation,
+    also under autocast (which would run the router's product in bf16). Pure function of its inputs."""
+    router_dtype = acc_dtype(x_TD.dtype)
+    if torch.is_autocast_enabled(x_TD.device.type):  # entering the context costs ~8 us: only when needed
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits_TE = F.linear(_cast(x_TD, router_dtype), _cast(w_router_ED, router_dtype))
+    else:
+        logits_TE = F.linear(_cast(x_TD, router_dtype), _cast(w_router_ED, router_dtype))
     probs_TE = torch.softmax(logits_TE, dim=-1)
     weight_TK, expert_TK = torch.topk(probs_TE, top_k, dim=-1)
     if norm_topk_prob:
@@ -161,10 +175,10 @@ def _combine(y_SD: torch.Tensor, plan: DispatchPlan, out_dtype: torch.dtype) -> 
     """Sum the ``K`` (already weighted) expert outputs of every token, accumulating in fp32."""
     d_model = y_SD.shape[-1]
     if _use_index_add(y_SD):
-        out_TD = y_SD.new_zeros(plan.n_tokens, d_model, dtype=torch.float32)
-        return out_TD.index_add_(0, plan.token_S, y_SD.float()).to(out_dtype)
+        out_TD = y_SD.new_zeros(plan.n_tokens, d_model, dtype=acc_dtype(y_SD.dtype))
+        return out_TD.index_add_(0, plan.token_S, to_acc(y_SD)).to(out_dtype)
     y_TKD = y_SD[plan.inverse_S].view(plan.n_tokens, plan.top_k, d_model)
-    return y_TKD.float().sum(dim=1).to(out_dtype)
+    return to_acc(y_TKD).sum(dim=1).to(out_dtype)
 
 
 def _weighted_swiglu(h_S2F: torch.Tensor, weight_S: torch.Tensor) -> torch.Tensor:
@@ -191,7 +205,7 @@ def experts_gathered(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torc
     h_S12F = torch.bmm(x_S1D, w_gate_up_E2FD[expert_S].to(dtype).transpose(1, 2))  # cast only what is read
     a_S1F = _weighted_swiglu(h_S12F.squeeze(1), routing.weight_TK.reshape(-1)).unsqueeze(1)
     y_SD = torch.bmm(a_S1F, w_down_EDF[expert_S].to(dtype).transpose(1, 2)).squeeze(1)
-    return y_SD.view(n_tokens, top_k, -1).float().sum(dim=1).to(x_TD.dtype)
+    return to_acc(y_SD.view(n_tokens, top_k, -1)).sum(dim=1).to(x_TD.dtype)
 
 
 def l2_cache_bytes(sysfs: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int | None:
@@ -421,7 +435,7 @@ def experts_per_slot(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torc
             h_2F = torch.mv(_cast(w_gate_up_E2FD[e], dtype), x_D)
             a_F = F.silu(h_2F[:n_f]).mul_(h_2F[n_f:])
             w_down_DF = _cast(w_down_EDF[e], dtype)
-            if dtype != torch.float32:
+            if dtype != acc_dtype(dtype):  # half precision
                 y_D = _cast(torch.mv(w_down_DF, a_F.mul_(w)), torch.float32)
                 out_D = y_D if out_D is None else out_D.add_(y_D)
             elif out_D is None:
@@ -514,7 +528,7 @@ def experts_strided_runs(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> 
     for first, n, stride in runs:
         _run_linear(a_S1F[first : first + n], _cast(_expert_view(w_down_EDF, expert_S[first], n, stride), dtype), y_S1D[first : first + n])
     if plan is None:  # the token's K weighted expert outputs, summed in fp32
-        return _cast(_cast(y_S1D.squeeze(1), torch.float32).sum(0, keepdim=True), x_TD.dtype)
+        return _cast(to_acc(y_S1D.squeeze(1)).sum(0, keepdim=True), x_TD.dtype)
     return _combine(y_S1D.squeeze(1), plan, x_TD.dtype)
 
 
@@ -537,6 +551,8 @@ def experts_grouped_mm(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> to
         return experts_per_slot(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
     if not torch.is_grad_enabled() and _use_all_dense(x_TD, w_gate_up_E2FD, w_down_EDF, routing):
         return experts_all_dense(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
+    if not _grouped_mm_supports(x_TD):  # e.g. float64 (numerical checks): plain matmuls
+        return experts_loop(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
     dtype = _compute_dtype(x_TD)
     plan = DispatchPlan.from_routing(routing)
     if not _use_index_add(x_TD):
@@ -589,7 +605,7 @@ def experts_all_dense(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> tor
     reads the same weights as the grouped path, in a few kernels instead of two per expert."""
     dtype = _compute_dtype(x_TD)
     n_tokens, n_experts = routing.probs_TE.shape
-    weight_TE = torch.zeros(n_tokens, n_experts, dtype=torch.float32, device=x_TD.device)
+    weight_TE = torch.zeros(n_tokens, n_experts, dtype=acc_dtype(routing.weight_TK.dtype), device=x_TD.device)
     weight_TE = weight_TE.scatter(1, routing.expert_TK, routing.weight_TK)
     if use_packed(x_TD, w_down_EDF):  # CPU fp32, both big enough: two packed products, the second sums over experts
         h_TE2F = packed_linear(x_TD, w_gate_up_E2FD, "experts_gate_up").view(n_tokens, n_experts, -1)
@@ -598,19 +614,19 @@ def experts_all_dense(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> tor
     weight_ET = weight_TE.t()
     h_ET2F = torch.matmul(x_TD.to(dtype), w_gate_up_E2FD.to(dtype).transpose(1, 2))
     gate_ETF, up_ETF = h_ET2F.chunk(2, dim=-1)
-    a_ETF = ((F.silu(gate_ETF) * up_ETF).float() * weight_ET.unsqueeze(-1)).to(dtype)
+    a_ETF = (to_acc(F.silu(gate_ETF) * up_ETF) * weight_ET.unsqueeze(-1)).to(dtype)
     y_ETD = torch.bmm(a_ETF, w_down_EDF.to(dtype).transpose(1, 2))
-    return y_ETD.float().sum(dim=0).to(x_TD.dtype)
+    return to_acc(y_ETD).sum(dim=0).to(x_TD.dtype)
 
 
 def experts_static(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.Tensor:
     """Inference dispatch with no host synchronisation and shapes fixed by ``T`` and ``K`` alone (for a
-    compiled decode step). With at most ``E`` slots (or without ``grouped_mm``): the gathered-weights
+    compiled decode step). With at most ``E`` slots (or without ``grouped_mm`` for the dtype): the gathered-weights
     path, which reads only the selected experts; with few experts and a small product: every expert on
     every token (:func:`experts_all_dense`, see :func:`_use_all_dense`); otherwise: one sort, a gather, two grouped
     matmuls whose group ends come from ``searchsorted`` on the device, and the deterministic combine."""
     n_slots, n_experts = routing.expert_TK.numel(), w_gate_up_E2FD.shape[0]
-    if n_slots <= n_experts or not _HAS_GROUPED_MM:
+    if n_slots <= n_experts or not _grouped_mm_supports(x_TD):
         return experts_gathered(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
     if _use_all_dense(x_TD, w_gate_up_E2FD, w_down_EDF, routing):
         return experts_all_dense(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
@@ -643,12 +659,12 @@ def experts_loop(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.Te
 def experts_naive(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.Tensor:
     """Reference: run every expert on every token and weight by a dense, mostly-zero ``[T, E]``."""
     n_tokens, n_experts = routing.probs_TE.shape
-    dense_weight_TE = torch.zeros(n_tokens, n_experts, dtype=torch.float32, device=x_TD.device)
+    dense_weight_TE = torch.zeros(n_tokens, n_experts, dtype=acc_dtype(routing.weight_TK.dtype), device=x_TD.device)
     dense_weight_TE.scatter_(1, routing.expert_TK, routing.weight_TK)
-    out_TD = torch.zeros(n_tokens, x_TD.shape[1], dtype=torch.float32, device=x_TD.device)
+    out_TD = torch.zeros(n_tokens, x_TD.shape[1], dtype=acc_dtype(x_TD.dtype), device=x_TD.device)
     for e in range(n_experts):
         y_TD = _swiglu(x_TD @ w_gate_up_E2FD[e].T) @ w_down_EDF[e].T
-        out_TD = out_TD + dense_weight_TE[:, e : e + 1] * y_TD.float()
+        out_TD = out_TD + dense_weight_TE[:, e : e + 1] * to_acc(y_TD)
     return out_TD.to(x_TD.dtype)
 
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .precision import acc_dtype
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for half-precision compute, the dtype itself otherwise."""
-    return torch.promote_types(dtype, torch.float32)
+
+_acc = acc_dtype  # fp32 for half-precision compute, the dtype itself otherwise
 
 
 def weighted_swiglu_forward(h_S2F: torch.Tensor, w_S: torch.Tensor) -> torch.Tensor:

@@ -25,11 +25,12 @@ from torch import nn
 
 from ..config import ModelConfig
 from .linear import Linear
+from .precision import to_acc
 from .moe import MoE, MoEAux
 
 
 class RMSNorm(nn.Module):
-    """``x / sqrt(mean(x^2) + eps) * weight``, computed in fp32."""
+    """``x / sqrt(mean(x^2) + eps) * weight``, computed in (at least) fp32."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -37,7 +38,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = to_acc(x)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
@@ -54,7 +55,7 @@ def apply_rope(x_BHTd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     half = x_BHTd.shape[-1] // 2
     x1, x2 = x_BHTd[..., :half], x_BHTd[..., half:]
     rotated = torch.cat((-x2, x1), dim=-1)
-    return (x_BHTd.float() * cos + rotated.float() * sin).to(x_BHTd.dtype)
+    return (to_acc(x_BHTd) * cos + to_acc(rotated) * sin).to(x_BHTd.dtype)
 
 
 @dataclass
@@ -150,8 +151,8 @@ class Attention(nn.Module):
         keys_BGCd.index_copy_(2, slot_1, k_BG1d.to(keys_BGCd.dtype))
         values_BGCd.index_copy_(2, slot_1, v_BG1d.to(values_BGCd.dtype))
         # in fp32 whatever the model's dtype (compiled, the casts fuse into the reductions)
-        keys_BGSd, values_BGSd = keys_BGCd[:, :, :n_slots].float(), values_BGCd[:, :, :n_slots].float()
-        q_BGRd = materialize(q_BH1d.reshape(B, G, self.n_heads // G, Hd).float())  # R query heads per key/value head
+        keys_BGSd, values_BGSd = to_acc(keys_BGCd[:, :, :n_slots]), to_acc(values_BGCd[:, :, :n_slots])
+        q_BGRd = materialize(to_acc(q_BH1d.reshape(B, G, self.n_heads // G, Hd)))  # R query heads per key/value head
         scores_BGRS = (q_BGRd.unsqueeze(-2) * keys_BGSd.unsqueeze(2)).sum(dim=-1) * Hd**-0.5
         probs_BGRS = materialize(scores_BGRS.masked_fill(~mask_B11S, float("-inf")).softmax(dim=-1))
         o_BGRd = (probs_BGRS.unsqueeze(-1) * values_BGSd.unsqueeze(2)).sum(dim=-2)
@@ -269,7 +270,7 @@ class MoELM(nn.Module):
         x_B1D = self.embed(input_B[:, None])
         for i, block in enumerate(self.layers):
             x_B1D = block.decode_step(x_B1D, cos, sin, cache.keys[i], cache.values[i], mask_B11S)
-        return self.lm_head(self.norm(x_B1D[:, 0])).float()
+        return to_acc(self.lm_head(self.norm(x_B1D[:, 0])))
 
     def forward(
         self,
@@ -324,7 +325,7 @@ class MoELM(nn.Module):
         x_BTD = self.norm(x_BTD)
         if logits_to_keep is not None:
             x_BTD = x_BTD[:, -logits_to_keep:]
-        logits = self.lm_head(x_BTD).float()
+        logits = to_acc(self.lm_head(x_BTD))
         n = len(self.layers)
         out = ModelOutput(logits=logits, aux_loss=aux_sum / n, z_loss=z_sum / n, tokens_per_expert=counts)
         if targets is not None:
