@@ -55,7 +55,8 @@ def _moe_rows(payload: dict, label: str, hf_target: float = HF_TARGET) -> list[l
         rows.append([
             f"MoE layer {label} (d={d},F={f},E={E},k={k}) load {r['max_over_mean_load']:.1f}",
             f"{ratio_text(ratio['grouped_mm'], r['ratio_iqr']['grouped_mm'])} x dense" + (f", {speedup:.2f}x faster than HF best" if speedup else "")
-            + (f"; matmuls alone {ratio['matmuls']:.2f}x" if "matmuls" in ratio else ""),
+            + (f"; matmuls alone {ratio['matmuls']:.2f}x" if "matmuls" in ratio else "")
+            + (f", + row copies {ratio['matmuls'] + ratio['row_copies']:.2f}x" if "row_copies" in ratio and "matmuls" in ratio else ""),
             f"<= {target_dense}x dense" + (f", >= {hf_target}x HF" if E >= 32 else ""),
             verdict,
         ])

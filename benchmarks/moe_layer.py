@@ -8,6 +8,10 @@ For each shape (d, d_expert, E, k) at T tokens (fp32), this measures in one run:
 * the layer's matmuls alone (:func:`matmuls_only`: router and per-expert products, forward and backward,
   with the measured routing's group sizes, one BLAS call each, nothing else) -- a floor for any dropless
   implementation that calls the BLAS once per expert and product,
+* the four row copies of a dispatch that moves rows to expert order and back (:func:`row_copies_only`:
+  gather and combine forward, gather and scatter-add backward); ``+ row copies`` is the matmuls' ratio
+  plus theirs -- the floor of such an implementation when it does nothing else (no routing, activation,
+  allocation or Python),
 * transformers' ``MixtralSparseMoeBlock`` with each of its experts implementations (same weights;
   its ``eager`` Python loop over experts only up to :data:`HF_EAGER_MAX_EXPERTS` experts: above, it
   measured 17-540x the floor against 5-9x for its ``grouped_mm`` and would take most of the run),
@@ -30,7 +34,7 @@ import torch.nn.functional as F
 
 from moelab.accounting import param_counts
 from moelab.config import ModelConfig
-from moelab.model.moe import MoE, route
+from moelab.model.moe import DispatchPlan, MoE, route
 
 from .common import interleaved_times, machine_info, print_table, ratio_text, setup, summarise, write_json
 
@@ -128,6 +132,29 @@ def matmuls_only(moe: MoE, x_TD: torch.Tensor, counts: list[int]):
     return run
 
 
+def row_copies_only(x_TD: torch.Tensor, token_S: torch.Tensor):
+    """A callable running the four row copies of a dispatch that moves rows to expert order and back,
+    one kernel each into preallocated outputs: forward, the gather of the ``S`` routed rows of ``x``
+    (``index_select``) and the combine of the ``S`` expert outputs into ``T`` rows (``index_add_``);
+    backward, the gather of the output gradient's rows and the scatter-add of the input gradient.
+
+    ``token_S`` is the measured routing's token of each expert-sorted slot. No routing, matmul or
+    activation: with :func:`matmuls_only`, the floor of an implementation that copies rows (rather
+    than fusing the gather into the matmuls, which the BLAS cannot do); values are random."""
+    T, D = x_TD.shape
+    g = torch.Generator().manual_seed(1)
+    x_SD, y_SD, dy_SD, dx_SD = (torch.empty(token_S.numel(), D) for _ in range(4))
+    y_SD.normal_(generator=g), dx_SD.normal_(generator=g)
+    dout_TD, out_TD, dx_TD = torch.randn(T, D, generator=g), torch.empty(T, D), torch.empty(T, D)
+
+    def run():
+        torch.index_select(x_TD, 0, token_S, out=x_SD)
+        out_TD.zero_().index_add_(0, token_S, y_SD)
+        torch.index_select(dout_TD, 0, token_S, out=dy_SD)
+        dx_TD.zero_().index_add_(0, token_S, dx_SD)
+    return run
+
+
 def fwd_bwd(module, x, grad, reduce_out=lambda out: out):
     def step():
         module.zero_grad(set_to_none=True)
@@ -145,10 +172,12 @@ def bench_shape(d, d_expert, E, k, tokens, skew, rounds, with_transformers=True,
     moe.reset_parameters(0.02)
     with torch.no_grad():
         moe.router.weight.copy_(router)
-    counts_E = route(x, moe.router.weight, k, True).tokens_per_expert_E
+    routing = route(x, moe.router.weight, k, True)
+    counts_E = routing.tokens_per_expert_E
     load = (counts_E.max() / counts_E.float().mean()).item()
     grad = torch.randn(tokens, d)
-    fns = {"dense": fwd_bwd(DenseSwiGLU(d, k * d_expert), x, grad), "matmuls": matmuls_only(moe, x, counts_E.tolist())}
+    fns = {"dense": fwd_bwd(DenseSwiGLU(d, k * d_expert), x, grad), "matmuls": matmuls_only(moe, x, counts_E.tolist()),
+           "row_copies": row_copies_only(x, DispatchPlan.from_routing(routing).token_S)}
     backends = ["grouped_mm", "loop"]
     if with_naive if with_naive is not None else E <= 8:
         backends.append("naive")
@@ -189,7 +218,7 @@ def run(shapes, tokens=4096, skew=0.0, rounds=5, with_transformers=True, verbose
 
 def report(results: list[dict], title: str) -> None:
     names = ["grouped_mm", "loop", "naive", "hf_eager", "hf_batched_mm", "hf_grouped_mm"]
-    cols = (["(d, F, E, k)", "load max/mean", "dense ms", "FLOPs /dense", "matmuls only /dense"]
+    cols = (["(d, F, E, k)", "load max/mean", "dense ms", "FLOPs /dense", "matmuls only /dense", "+ row copies"]
             + [f"{n} /dense" for n in names] + ["hf best / ours"])
     rows = []
     for r in results:
@@ -198,7 +227,8 @@ def report(results: list[dict], title: str) -> None:
         best_hf = min(hf) if hf else math.nan
         rows.append(
             [str(r["shape"]), f"{r['max_over_mean_load']:.2f}", f"{1e3 * r['seconds']['dense']:.1f}",
-             f"{r['flop_ratio']:.2f}", ratio_text(ratio["matmuls"], r["ratio_iqr"]["matmuls"])]
+             f"{r['flop_ratio']:.2f}", ratio_text(ratio["matmuls"], r["ratio_iqr"]["matmuls"]),
+             f"{ratio['matmuls'] + ratio['row_copies']:.2f}"]
             + [ratio_text(ratio["grouped_mm"], r["ratio_iqr"]["grouped_mm"])]  # ours, with its spread
             + [ratio_text(ratio[n]) if n in ratio else "-" for n in names[1:]]
             + [f"{best_hf / ratio['grouped_mm']:.2f}x" if hf else "-"]

@@ -96,6 +96,34 @@ def test_summary_names_bounds_that_put_the_dense_target_out_of_reach():
     assert rows[1][-1] == "NO (dense target out of reach: matmuls alone 1.20x)"
     assert [r[-1] for r in rows[2:]] == ["NO", "yes"]
     assert "matmuls alone 0.90x" in rows[2][1]
+    with_copies = result((256, 512, 8, 2), 1.2, 0.9)
+    with_copies["ratio_to_dense"]["row_copies"] = 0.05  # shown next to the matmuls, never a reach verdict
+    row = _moe_rows({"results": [with_copies]}, "uniform")[0]
+    assert "matmuls alone 0.90x, + row copies 0.95x" in row[1] and row[-1] == "NO"
+
+
+def test_row_copies_floor_runs_the_four_dispatch_copies():
+    """The row-copies floor is two gathers (index_select) and two scatter-adds (index_add_) of the
+    routed rows, nothing else."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from benchmarks.moe_layer import row_copies_only
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    token_S = torch.tensor([0, 2, 2, 1, 0, 3])
+    run = row_copies_only(torch.randn(4, 8), token_S)
+    with Ops() as ops:
+        run()
+    copies = [n for n in ops.names if n not in ("zero_",)]
+    assert sorted(copies) == ["index_add_", "index_add_", "index_select", "index_select"], ops.names
 
 
 def test_matmul_flop_ratio_counts_router_and_active_experts():
