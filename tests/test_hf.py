@@ -112,3 +112,51 @@ def test_import_bad_mixtral_dirs(tmp_path):
     (pick / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(CheckpointError, match="safetensors"):
         moelab.load(pick)
+
+
+def _mixtral_config_dict(**kw) -> dict:
+    base = dict(vocab_size=101, hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2, max_position_embeddings=128,
+                rope_theta=10000.0)
+    return {**base, **kw}
+
+
+def test_import_sliding_window_caps_the_context(tmp_path):
+    """A sliding-window checkpoint imports with max_seq_len capped at the window, where moelab's full
+    attention equals transformers' windowed attention exactly; a longer context is refused."""
+    from moelab.hf import config_from_mixtral
+
+    assert config_from_mixtral(_mixtral_config_dict(sliding_window=16)).max_seq_len == 16
+    assert config_from_mixtral(_mixtral_config_dict(sliding_window=4096)).max_seq_len == 128  # window above the context
+    assert config_from_mixtral(_mixtral_config_dict(sliding_window=None)).max_seq_len == 128
+    assert config_from_mixtral(_mixtral_config_dict(sliding_window=16), max_seq_len=8).max_seq_len == 8
+    with pytest.raises(CheckpointError, match="sliding_window=16"):
+        config_from_mixtral(_mixtral_config_dict(sliding_window=16), max_seq_len=64)
+
+    torch.manual_seed(0)
+    hf = transformers.MixtralForCausalLM(transformers.MixtralConfig(**_mixtral_config_dict(sliding_window=16))).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+    hf.save_pretrained(tmp_path / "hf")
+    model = moelab.load(tmp_path / "hf").eval()
+    assert model.config.max_seq_len == 16
+    ids = torch.randint(0, 101, (2, 16))  # the whole window: exact
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, hf(ids).logits, rtol=0, atol=1e-5)
+        longer = torch.randint(0, 101, (1, 40))  # beyond the window the two models differ: why the cap exists
+        assert not torch.allclose(model(longer).logits[:, 20:], hf(longer).logits[:, 20:], atol=1e-3)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("rope_scaling", {"type": "linear", "factor": 2.0}),
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}),
+    ("rope_parameters", {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
+])
+def test_import_refuses_rope_scaling(key, value):
+    from moelab.hf import config_from_mixtral
+
+    with pytest.raises(CheckpointError, match="unsupported RoPE scaling"):
+        config_from_mixtral(_mixtral_config_dict(**{key: value}))
+    assert config_from_mixtral(_mixtral_config_dict(rope_scaling={"type": "default"})).rope_theta == 10000.0

@@ -53,11 +53,17 @@ def is_mixtral_dir(path: Path) -> bool:
 
 
 def config_from_mixtral(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
-    """Map a Mixtral ``config.json`` to a :class:`ModelConfig` (Mixtral renormalises top-k)."""
-    rope = hf.get("rope_parameters") or {}
+    """Map a Mixtral ``config.json`` to a :class:`ModelConfig` (Mixtral renormalises top-k).
+
+    A ``sliding_window`` caps ``max_seq_len`` at the window: moelab attends to the whole context, which
+    equals the original model's windowed attention exactly as long as sequences fit in the window (an
+    override above it is refused). RoPE scaling (``rope_parameters`` or the older ``rope_scaling``)
+    other than the default is refused."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     theta = hf.get("rope_theta", rope.get("rope_theta", 1e6))
-    if rope.get("rope_type", "default") not in ("default", None):
-        raise CheckpointError(f"unsupported RoPE scaling {rope.get('rope_type')!r}; moelab implements the default RoPE only")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", None):
+        raise CheckpointError(f"unsupported RoPE scaling {rope_type!r}; moelab implements the default RoPE only")
     try:
         n_heads = hf["num_attention_heads"]
         fields = dict(
@@ -82,7 +88,15 @@ def config_from_mixtral(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
         raise CheckpointError(f"Mixtral config.json lacks required field {e.args[0]!r}; the directory is incomplete") from None
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"unsupported hidden_act {hf.get('hidden_act')!r}; moelab experts are SwiGLU (silu)")
+    window = hf.get("sliding_window")
+    if window is not None:
+        fields["max_seq_len"] = min(fields["max_seq_len"], int(window))
     fields.update(overrides)
+    if window is not None and fields["max_seq_len"] > int(window):
+        raise CheckpointError(
+            f"max_seq_len={fields['max_seq_len']} exceeds the checkpoint's sliding_window={window}: moelab attends "
+            f"to the whole context, so later positions would differ from the original model; use max_seq_len <= {window}"
+        )
     try:
         return ModelConfig.create(**fields)
     except ConfigError as e:
