@@ -144,7 +144,8 @@ def row_copies_only(x_TD: torch.Tensor, token_S: torch.Tensor):
     T, D = x_TD.shape
     g = torch.Generator().manual_seed(1)
     x_SD, y_SD, dy_SD, dx_SD = (torch.empty(token_S.numel(), D) for _ in range(4))
-    y_SD.normal_(generator=g), dx_SD.normal_(generator=g)
+    y_SD.normal_(generator=g)
+    dx_SD.normal_(generator=g)
     dout_TD, out_TD, dx_TD = torch.randn(T, D, generator=g), torch.empty(T, D), torch.empty(T, D)
 
     def run():

@@ -132,6 +132,9 @@ def test_import_sliding_window_caps_the_context(tmp_path):
     assert config_from_mixtral(_mixtral_config_dict(sliding_window=16), max_seq_len=8).max_seq_len == 8
     with pytest.raises(CheckpointError, match="sliding_window=16"):
         config_from_mixtral(_mixtral_config_dict(sliding_window=16), max_seq_len=64)
+    for bad in (0, -4, "4096", 16.5, True):
+        with pytest.raises(CheckpointError, match="sliding_window must be a positive integer"):
+            config_from_mixtral(_mixtral_config_dict(sliding_window=bad))
 
     torch.manual_seed(0)
     hf = transformers.MixtralForCausalLM(transformers.MixtralConfig(**_mixtral_config_dict(sliding_window=16))).eval()
@@ -159,4 +162,10 @@ def test_import_refuses_rope_scaling(key, value):
 
     with pytest.raises(CheckpointError, match="unsupported RoPE scaling"):
         config_from_mixtral(_mixtral_config_dict(**{key: value}))
+    # a default rope_parameters beside a scaling rope_scaling (or the reverse) is still refused
+    other = "rope_scaling" if key == "rope_parameters" else "rope_parameters"
+    with pytest.raises(CheckpointError, match="unsupported RoPE scaling"):
+        config_from_mixtral(_mixtral_config_dict(**{key: value, other: {"rope_type": "default", "rope_theta": 10000.0}}))
     assert config_from_mixtral(_mixtral_config_dict(rope_scaling={"type": "default"})).rope_theta == 10000.0
+    with pytest.raises(CheckpointError, match="must be an object"):
+        config_from_mixtral(_mixtral_config_dict(rope_scaling="linear"))

@@ -59,11 +59,14 @@ def config_from_mixtral(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     equals the original model's windowed attention exactly as long as sequences fit in the window (an
     override above it is refused). RoPE scaling (``rope_parameters`` or the older ``rope_scaling``)
     other than the default is refused."""
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    theta = hf.get("rope_theta", rope.get("rope_theta", 1e6))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", None):
-        raise CheckpointError(f"unsupported RoPE scaling {rope_type!r}; moelab implements the default RoPE only")
+    for key in ("rope_parameters", "rope_scaling"):  # transformers v5 / the older name: both must be default
+        rope = hf.get(key) or {}
+        if not isinstance(rope, dict):
+            raise CheckpointError(f"Mixtral config.json: {key} must be an object, got {rope!r}; fix config.json")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise CheckpointError(f"unsupported RoPE scaling {rope_type!r} ({key}); moelab implements the default RoPE only")
+    theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 1e6))
     try:
         n_heads = hf["num_attention_heads"]
         fields = dict(
@@ -89,10 +92,12 @@ def config_from_mixtral(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"unsupported hidden_act {hf.get('hidden_act')!r}; moelab experts are SwiGLU (silu)")
     window = hf.get("sliding_window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise CheckpointError(f"Mixtral config.json: sliding_window must be a positive integer or null, got {window!r}; fix config.json")
     if window is not None:
-        fields["max_seq_len"] = min(fields["max_seq_len"], int(window))
+        fields["max_seq_len"] = min(fields["max_seq_len"], window)
     fields.update(overrides)
-    if window is not None and fields["max_seq_len"] > int(window):
+    if window is not None and fields["max_seq_len"] > window:
         raise CheckpointError(
             f"max_seq_len={fields['max_seq_len']} exceeds the checkpoint's sliding_window={window}: moelab attends "
             f"to the whole context, so later positions would differ from the original model; use max_seq_len <= {window}"

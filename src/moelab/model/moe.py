@@ -39,6 +39,7 @@ Dispatch backends (selected by ``ModelConfig.moe_backend``), all numerically equ
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from dataclasses import dataclass
@@ -89,10 +90,8 @@ def route(x_TD: torch.Tensor, w_router_ED: torch.Tensor, top_k: int, norm_topk_p
     """fp32 (at least: float64 stays float64) logits -> softmax -> top-k -> optional renormalisation,
     also under autocast (which would run the router's product in bf16). Pure function of its inputs."""
     router_dtype = acc_dtype(x_TD.dtype)
-    if torch.is_autocast_enabled(x_TD.device.type):  # entering the context costs ~8 us: only when needed
-        with torch.autocast(x_TD.device.type, enabled=False):
-            logits_TE = F.linear(_cast(x_TD, router_dtype), _cast(w_router_ED, router_dtype))
-    else:
+    device = x_TD.device.type  # entering autocast(enabled=False) costs ~8 us: only when autocast is on
+    with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
         logits_TE = F.linear(_cast(x_TD, router_dtype), _cast(w_router_ED, router_dtype))
     probs_TE = torch.softmax(logits_TE, dim=-1)
     weight_TK, expert_TK = torch.topk(probs_TE, top_k, dim=-1)
@@ -605,7 +604,7 @@ def experts_all_dense(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> tor
     reads the same weights as the grouped path, in a few kernels instead of two per expert."""
     dtype = _compute_dtype(x_TD)
     n_tokens, n_experts = routing.probs_TE.shape
-    weight_TE = torch.zeros(n_tokens, n_experts, dtype=acc_dtype(routing.weight_TK.dtype), device=x_TD.device)
+    weight_TE = torch.zeros(n_tokens, n_experts, dtype=routing.weight_TK.dtype, device=x_TD.device)
     weight_TE = weight_TE.scatter(1, routing.expert_TK, routing.weight_TK)
     if use_packed(x_TD, w_down_EDF):  # CPU fp32, both big enough: two packed products, the second sums over experts
         h_TE2F = packed_linear(x_TD, w_gate_up_E2FD, "experts_gate_up").view(n_tokens, n_experts, -1)
@@ -659,7 +658,7 @@ def experts_loop(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.Te
 def experts_naive(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.Tensor:
     """Reference: run every expert on every token and weight by a dense, mostly-zero ``[T, E]``."""
     n_tokens, n_experts = routing.probs_TE.shape
-    dense_weight_TE = torch.zeros(n_tokens, n_experts, dtype=acc_dtype(routing.weight_TK.dtype), device=x_TD.device)
+    dense_weight_TE = torch.zeros(n_tokens, n_experts, dtype=routing.weight_TK.dtype, device=x_TD.device)
     dense_weight_TE.scatter_(1, routing.expert_TK, routing.weight_TK)
     out_TD = torch.zeros(n_tokens, x_TD.shape[1], dtype=acc_dtype(x_TD.dtype), device=x_TD.device)
     for e in range(n_experts):

@@ -20,14 +20,11 @@ import torch.nn.functional as F
 from .precision import acc_dtype
 
 
-_acc = acc_dtype  # fp32 for half-precision compute, the dtype itself otherwise
-
-
 def weighted_swiglu_forward(h_S2F: torch.Tensor, w_S: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up * w`` as ``[S, F]`` in ``h``'s dtype, the weight applied in fp32. No autograd."""
     gate, up = h_S2F.chunk(2, dim=-1)
     a_SF = F.silu(gate).mul_(up)
-    if a_SF.dtype == _acc(a_SF.dtype):
+    if a_SF.dtype == acc_dtype(a_SF.dtype):
         return a_SF.mul_(w_S.unsqueeze(-1).to(a_SF.dtype))
     return (a_SF.float() * w_S.unsqueeze(-1)).to(h_S2F.dtype)  # weight in fp32, result in the compute dtype
 
@@ -49,10 +46,10 @@ def weighted_swiglu_backward(
     d_gate, d_up = dh_S2F.chunk(2, dim=-1)
     dw_S = None
     if need_dw:  # d/dw of (silu(g) * u * w) = silu(g) * u
-        acc = _acc(da_SF.dtype)
+        acc = acc_dtype(da_SF.dtype)
         act = silu_gate * up if act_SF is None else act_SF
         dw_S = torch.linalg.vecdot(da_SF.to(acc), act.to(acc)).to(w_S.dtype)
-    da_w = (da_SF.to(_acc(da_SF.dtype)) * w_S.unsqueeze(-1)).to(h_S2F.dtype)
+    da_w = (da_SF.to(acc_dtype(da_SF.dtype)) * w_S.unsqueeze(-1)).to(h_S2F.dtype)
     torch.mul(da_w, silu_gate, out=d_up)
     torch.ops.aten.silu_backward.grad_input(da_w.mul_(up), gate, grad_input=d_gate)
     return dh_S2F, dw_S

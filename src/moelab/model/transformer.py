@@ -25,8 +25,8 @@ from torch import nn
 
 from ..config import ModelConfig
 from .linear import Linear
-from .precision import to_acc
 from .moe import MoE, MoEAux
+from .precision import to_acc
 
 
 class RMSNorm(nn.Module):
