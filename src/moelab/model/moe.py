@@ -55,7 +55,7 @@ from .grouped_mm import grouped_linear
 from .linear import packed_linear, use_packed
 from .losses import load_balancing_loss, router_z_loss
 from .precision import acc_dtype, to_acc
-from .swiglu import swiglu_backward, weighted_swiglu, weighted_swiglu_forward
+from .swiglu import weighted_swiglu, weighted_swiglu_backward, weighted_swiglu_forward
 
 BACKENDS = ("grouped_mm", "loop", "naive")
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
@@ -373,17 +373,25 @@ def _block_backward(dout_TD, x_TD, w_gate_up_B2FD, w_down_BDF, weight_S, token_S
     gradients overwritten. ``h_S2F`` is the saved pre-activation; everything else is recomputed."""
     offsets_B = _host_offsets(counts, x_TD.device)
     dy_SD = dout_TD.index_select(0, token_S)
+    gate, up = h_S2F.chunk(2, dim=-1)
+    silu_gate = F.silu(gate)
+    act_SF = silu_gate * up  # unweighted activation
+    if grads.ddown_EDF is not None:
+        _expert_weight_grads(dy_SD, _apply_weight(act_SF, weight_S), counts, grads.ddown_EDF)
     da_SF = F.grouped_mm(dy_SD, w_down_BDF, offs=offsets_B)
-    need_dweight, need_ddown = grads.dweight_S is not None, grads.ddown_EDF is not None
-    dh_S2F, dweight_S, act_w_SF = swiglu_backward(h_S2F, weight_S, da_SF, need_dweight, need_ddown)
-    if need_ddown:
-        _expert_weight_grads(dy_SD, act_w_SF, counts, grads.ddown_EDF)
+    need_dweight = grads.dweight_S is not None
+    dh_S2F, dweight_S = weighted_swiglu_backward(h_S2F, weight_S, da_SF, need_dweight, silu_gate, act_SF)
     if need_dweight:
         grads.dweight_S.copy_(dweight_S)
     if grads.dgu_E2FD is not None:
         _expert_weight_grads(dh_S2F, x_TD.index_select(0, token_S), counts, grads.dgu_E2FD)
     if grads.dx_TD is not None:
         grads.dx_TD.index_add_(0, token_S, F.grouped_mm(dh_S2F, w_gate_up_B2FD, offs=offsets_B))
+
+
+def _apply_weight(act_SF: torch.Tensor, w_S: torch.Tensor) -> torch.Tensor:
+    """``act * w[:, None]`` with the weight applied in fp32, as in :func:`weighted_swiglu_forward`."""
+    return (act_SF.float() * w_S.unsqueeze(-1)).to(act_SF.dtype)
 
 
 def _host_offsets(counts: list[int], device: torch.device) -> torch.Tensor:
