@@ -1,19 +1,21 @@
 """How reliably a preset learns its synthetic reasoning: train it for several seeds and record the step
 at which each run starts solving the easiest problems.
 
-    python -m benchmarks.reasoning_seeds [--config configs/tiny.yaml] [--seeds 0-7] [--jobs 2]
+    python -m benchmarks.reasoning_seeds [--config configs/tiny.yaml] [--seeds 0-7] [--jobs 2] [--threads 1]
         [--every 250] [--threshold 0.9] [--set key.path=value ...] [--keep DIR] [--out FILE.json]
 
 Small models learn the lookup in the synthetic reasoning problems (copy a variable's value from the
 question, ``q = 5``) in one late phase change, and the step at which it comes varies widely between
-seeds: in the ``tiny`` preset from ~1 000 to beyond its 4 000 steps. A change that only moves rounding
+seeds: in the ``tiny`` preset from ~1 500 to ~3 250 of its 4 000 steps, beyond them for some other
+recipes. A change that only moves rounding
 (a fused kernel, another CPU or BLAS) gives a different trajectory and can move a run across that
 edge, so a preset's "it learns the sums" is a probability, and this script measures it.
 
 Each seed (``train.seed``; the data are the same for all) is trained from scratch with a checkpoint
-every ``--every`` steps, one thread per run and ``--jobs`` runs at a time. Every checkpoint is
-evaluated on the test problems of the lowest difficulty (greedy exact match); the last one also on the
-whole reasoning set and on memorisation. Columns: seed; *jump step* = the first checkpoint whose
+every ``--every`` steps, ``--threads`` intra-op threads per run (1) and ``--jobs`` runs at a time
+(thread counts round differently: ``--jobs 1 --threads 2`` measures what a default two-core run does).
+Every checkpoint is evaluated on the test problems of the lowest difficulty (greedy exact match); the
+last one also on the whole reasoning set and on memorisation. Columns: seed; *jump step* = the first checkpoint whose
 easiest-problem exact match is at least ``--threshold`` ("-" if none); exact match on the easiest
 problems and on all of them at the end; memorisation exact match; minutes for the run. The summary
 line counts the runs that learned and gives the median and largest jump step. Runs go to a temporary
@@ -60,11 +62,11 @@ def jump_step(curve: list[tuple[int, float]], threshold: float) -> int | None:
     return next((step for step, em in curve if em >= threshold), None)
 
 
-def run_seed(config: str, overrides: list[str], seed: int, every: int, run_dir: str) -> dict:
-    """Train one seed with checkpoints every ``every`` steps and evaluate every checkpoint (one thread)."""
+def run_seed(config: str, overrides: list[str], seed: int, every: int, run_dir: str, threads: int = 1) -> dict:
+    """Train one seed with checkpoints every ``every`` steps and evaluate every checkpoint."""
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     from moelab.eval import evaluate
     from moelab.train import load_run_config, train
 
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/tiny.yaml")
     ap.add_argument("--seeds", default="0-3", help="train.seed values: list and ranges, e.g. 0-7 or 1,3,5")
-    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (each uses one thread)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads per run")
     ap.add_argument("--every", type=int, default=250, help="steps between evaluated checkpoints")
     ap.add_argument("--threshold", type=float, default=0.9, help="easiest-problem exact match that counts as learned")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -107,8 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
     seeds = parse_seeds(args.seeds)
-    if args.jobs < 1 or args.every < 1 or not 0 < args.threshold <= 1:
-        raise SystemExit("--jobs and --every must be >= 1 and --threshold in (0, 1]")
+    if min(args.jobs, args.threads, args.every) < 1 or not 0 < args.threshold <= 1:
+        raise SystemExit("--jobs, --threads and --every must be >= 1 and --threshold in (0, 1]")
     if args.keep is not None and Path(args.keep).exists():
         raise SystemExit(f"--keep {args.keep}: folder exists; give a new one (runs would resume, not restart)")
 
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         root = Path(args.keep) if args.keep is not None else Path(tmp)
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per run: threads set before any work
         with concurrent.futures.ProcessPoolExecutor(max_workers=min(args.jobs, len(seeds)), mp_context=ctx) as pool:
-            futures = {pool.submit(run_seed, args.config, args.overrides, s, args.every, str(root / f"seed{s}")): s
+            futures = {pool.submit(run_seed, args.config, args.overrides, s, args.every, str(root / f"seed{s}"), args.threads): s
                        for s in seeds}
             results = []
             for fut in concurrent.futures.as_completed(futures):
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"learned in {summary['learned']} of {summary['runs']} runs; jump step median "
           f"{summary['median_jump_step']}, largest {summary['max_jump_step']}")
     payload = {"machine": machine_info(), "config": args.config, "overrides": args.overrides,
-               "every": args.every, "threshold": args.threshold, "runs": results, "summary": summary}
+               "threads": args.threads, "every": args.every, "threshold": args.threshold, "runs": results, "summary": summary}
     if args.out:
         write_json(args.out, payload)
     return payload

@@ -38,20 +38,22 @@ def run(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_short_run_evaluates_every_checkpoint_and_writes_json(tmp_path):
     out, keep = tmp_path / "seeds.json", tmp_path / "runs"
-    p = run("--seeds", "3", "--jobs", "1", "--every", "10", "--set", "train.steps=30", "--set", "train.warmup_steps=5",
-            "--set", "data.synthetic_tokens=300000", "--keep", str(keep), "--out", str(out))
+    p = run("--seeds", "3", "--jobs", "1", "--threads", "2", "--every", "10", "--set", "train.steps=30",
+            "--set", "train.warmup_steps=5", "--set", "data.synthetic_tokens=300000", "--keep", str(keep), "--out", str(out))
     assert p.returncode == 0, p.stderr
     payload = json.loads(out.read_text())
     (r,) = payload["runs"]
     assert r["seed"] == 3 and [step for step, _ in r["curve"]] == [10, 20, 30]
     assert all(0 <= em <= 1 for _, em in r["curve"]) and 0 <= r["reasoning"] <= 1 and 0 <= r["memorization"] <= 1
-    assert payload["summary"]["runs"] == 1 and "learned in" in p.stdout
+    assert payload["summary"]["runs"] == 1 and payload["threads"] == 2 and "learned in" in p.stdout
     assert (keep / "seed3" / "checkpoints").is_dir()
     cfg = (keep / "seed3" / "config.yaml").read_text()
     assert "seed: 3" in cfg and "checkpoint_every: 10" in cfg
 
-    # an existing --keep folder and a bad override are one-line errors, not tracebacks
+    # an existing --keep folder, a bad thread count and a bad override are one-line errors, not tracebacks
     p = run("--seeds", "0", "--keep", str(keep))
     assert p.returncode != 0 and "folder exists" in p.stderr and "Traceback" not in p.stderr
+    p = run("--seeds", "0", "--threads", "0")
+    assert p.returncode != 0 and "--threads" in p.stderr and "Traceback" not in p.stderr
     p = run("--seeds", "0", "--set", "train.steps=20", "--set", "data.synthetic_tokens=300000")
     assert p.returncode != 0 and "seed 0: train.warmup_steps=20" in p.stderr and "Traceback" not in p.stderr
