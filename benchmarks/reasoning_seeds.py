@@ -62,6 +62,24 @@ def jump_step(curve: list[tuple[int, float]], threshold: float) -> int | None:
     return next((step for step, em in curve if em >= threshold), None)
 
 
+def run_overrides(overrides: list[str], seed: int, every: int) -> list[str]:
+    """The user's overrides plus this script's: the seed, and a kept checkpoint every ``every`` steps."""
+    return [*overrides, f"train.seed={seed}", f"train.checkpoint_every={every}", "train.keep_checkpoints=100000"]
+
+
+def check_config(config: str, overrides: list[str], every: int) -> None:
+    """Load the preset with the overrides once, before any run starts: a bad path, key or value, or a
+    non-synthetic preset, is a one-line ``SystemExit``."""
+    from moelab.train import load_run_config
+
+    try:
+        cfg = load_run_config(config, run_overrides(overrides, 0, every))
+    except MoelabError as exc:
+        raise SystemExit(f"{config}: {exc}") from None
+    if cfg.data.source != "synthetic" or cfg.data.synthetic is None:
+        raise SystemExit(f"{config}: reasoning_seeds needs a preset with data.source: synthetic")
+
+
 def run_seed(config: str, overrides: list[str], seed: int, every: int, run_dir: str, threads: int = 1) -> dict:
     """Train one seed with checkpoints every ``every`` steps and evaluate every checkpoint."""
     import torch
@@ -70,11 +88,8 @@ def run_seed(config: str, overrides: list[str], seed: int, every: int, run_dir: 
     from moelab.eval import evaluate
     from moelab.train import load_run_config, train
 
-    cfg = load_run_config(config, [*overrides, f"train.seed={seed}", f"train.checkpoint_every={every}",
-                                   "train.keep_checkpoints=100000"])
+    cfg = load_run_config(config, run_overrides(overrides, seed, every))
     syn = cfg.data.synthetic
-    if cfg.data.source != "synthetic" or syn is None:
-        raise SystemExit(f"{config}: reasoning_seeds needs a preset with data.source: synthetic")
     easiest = f"exact_match/difficulty={syn.min_ops}"
     start = time.perf_counter()
     train(cfg, run_dir, quiet=True)
@@ -114,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--jobs, --threads and --every must be >= 1 and --threshold in (0, 1]")
     if args.keep is not None and Path(args.keep).exists():
         raise SystemExit(f"--keep {args.keep}: folder exists; give a new one (runs would resume, not restart)")
+    check_config(args.config, args.overrides, args.every)
 
     with tempfile.TemporaryDirectory(prefix="moelab-seeds-") as tmp:
         root = Path(args.keep) if args.keep is not None else Path(tmp)

@@ -56,4 +56,8 @@ def test_short_run_evaluates_every_checkpoint_and_writes_json(tmp_path):
     p = run("--seeds", "0", "--threads", "0")
     assert p.returncode != 0 and "--threads" in p.stderr and "Traceback" not in p.stderr
     p = run("--seeds", "0", "--set", "train.steps=20", "--set", "data.synthetic_tokens=300000")
-    assert p.returncode != 0 and "seed 0: train.warmup_steps=20" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode != 0 and "train.warmup_steps=20" in p.stderr and "Traceback" not in p.stderr
+    p = run("--seeds", "0", "--config", "configs/study-d512.yaml")
+    assert p.returncode != 0 and "data.source: synthetic" in p.stderr and "Traceback" not in p.stderr
+    p = run("--seeds", "0", "--config", str(tmp_path / "missing.yaml"))
+    assert p.returncode != 0 and "missing.yaml" in p.stderr and "Traceback" not in p.stderr
