@@ -152,13 +152,14 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [[str(r["seed"]), str(r["jump_step"] or "-"), f"{r['easiest']:.3f}", f"{r['reasoning']:.3f}",
              "-" if r["memorization"] is None else f"{r['memorization']:.3f}", f"{r['seconds'] / 60:.1f}"]
             for r in results]
-    print_table(f"{args.config} {' '.join(args.overrides)}: step at which the easiest problems are solved",
+    threads = f"{args.threads} thread{'s' if args.threads > 1 else ''} per run"  # it changes the trajectories
+    print_table(f"{args.config} {' '.join(args.overrides)} ({threads}): step at which the easiest problems are solved",
                 ["seed", "jump step", "easiest", "all", "memorisation", "minutes"], rows)
     jumps = [r["jump_step"] for r in results if r["jump_step"] is not None]
     summary = {"learned": len(jumps), "runs": len(results),
                "median_jump_step": statistics.median(jumps) if jumps else None,
                "max_jump_step": max(jumps) if jumps else None}
-    print(f"learned in {summary['learned']} of {summary['runs']} runs; jump step median "
+    print(f"learned in {summary['learned']} of {summary['runs']} runs ({threads}); jump step median "
           f"{summary['median_jump_step']}, largest {summary['max_jump_step']}")
     payload = {"machine": machine_info(), "config": args.config, "overrides": args.overrides,
                "threads": args.threads, "every": args.every, "threshold": args.threshold, "runs": results, "summary": summary}

@@ -46,6 +46,7 @@ def test_short_run_evaluates_every_checkpoint_and_writes_json(tmp_path):
     assert r["seed"] == 3 and [step for step, _ in r["curve"]] == [10, 20, 30]
     assert all(0 <= em <= 1 for _, em in r["curve"]) and 0 <= r["reasoning"] <= 1 and 0 <= r["memorization"] <= 1
     assert payload["summary"]["runs"] == 1 and payload["threads"] == 2 and "learned in" in p.stdout
+    assert "runs (2 threads per run)" in p.stdout  # the summary says how the runs were made: trajectories depend on it
     assert (keep / "seed3" / "checkpoints").is_dir()
     cfg = (keep / "seed3" / "config.yaml").read_text()
     assert "seed: 3" in cfg and "checkpoint_every: 10" in cfg
