@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--jobs, --threads and --every must be >= 1 and --threshold in (0, 1]")
     if args.keep is not None and Path(args.keep).exists():
         raise SystemExit(f"--keep {args.keep}: folder exists; give a new one (runs would resume, not restart)")
+    if args.out is not None and Path(args.out).is_dir():  # found now, not after hours of training
+        raise SystemExit(f"--out {args.out}: is a folder; give a file name, e.g. {Path(args.out) / 'seeds.json'}")
     check_config(args.config, args.overrides, args.every)
 
     with tempfile.TemporaryDirectory(prefix="moelab-seeds-") as tmp:

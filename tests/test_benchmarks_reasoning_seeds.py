@@ -62,3 +62,5 @@ def test_short_run_evaluates_every_checkpoint_and_writes_json(tmp_path):
     assert p.returncode != 0 and "data.source: synthetic" in p.stderr and "Traceback" not in p.stderr
     p = run("--seeds", "0", "--config", str(tmp_path / "missing.yaml"))
     assert p.returncode != 0 and "missing.yaml" in p.stderr and "Traceback" not in p.stderr
+    p = run("--seeds", "0", "--out", str(tmp_path))  # a folder: refused before any training
+    assert p.returncode != 0 and "is a folder" in p.stderr and "Traceback" not in p.stderr
