@@ -12,8 +12,10 @@ recipes. A change that only moves rounding
 edge, so a preset's "it learns the sums" is a probability, and this script measures it.
 
 Each seed (``train.seed``; the data are the same for all) is trained from scratch with a checkpoint
-every ``--every`` steps, ``--threads`` intra-op threads per run (1) and ``--jobs`` runs at a time
-(thread counts round differently: ``--jobs 1 --threads 2`` measures what a default two-core run does).
+every ``--every`` steps, ``--threads`` intra-op threads per run (1) and ``--jobs`` runs at a time.
+Eager CPU training takes the same trajectory, bit for bit, at any thread count (weight gradients are
+summed over tokens in a fixed order, :mod:`moelab.model.weight_grad`), so ``--jobs 2 --threads 1``
+measures what a default two-core run does (and keeps both cores busier).
 Every checkpoint is evaluated on the test problems of the lowest difficulty (greedy exact match); the
 last one also on the whole reasoning set and on memorisation. Columns: seed; *jump step* = the first checkpoint whose
 easiest-problem exact match is at least ``--threshold`` ("-" if none); exact match on the easiest
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [[str(r["seed"]), str(r["jump_step"] or "-"), f"{r['easiest']:.3f}", f"{r['reasoning']:.3f}",
              "-" if r["memorization"] is None else f"{r['memorization']:.3f}", f"{r['seconds'] / 60:.1f}"]
             for r in results]
-    threads = f"{args.threads} thread{'s' if args.threads > 1 else ''} per run"  # it changes the trajectories
+    threads = f"{args.threads} thread{'s' if args.threads > 1 else ''} per run"  # timing; trajectories (eager) do not depend on it
     print_table(f"{args.config} {' '.join(args.overrides)} ({threads}): step at which the easiest problems are solved",
                 ["seed", "jump step", "easiest", "all", "memorisation", "minutes"], rows)
     jumps = [r["jump_step"] for r in results if r["jump_step"] is not None]

@@ -55,11 +55,10 @@ def test_tiny_run_memorizes_above_chance(tiny_run_scores):
 
 
 def test_tiny_run_reasons_above_chance(trained_tiny_run, tiny_run_scores):
-    # configs/tiny.yaml at 4000 steps learned the sums in train.seed 0-13 at one thread per run (jumps at
-    # steps 1500-3250 where measured); at two threads, as here, the jumps came later on every seed tried
-    # (2000-3250) and seed 9 never learned. This run (seed 0) is deterministic on a given machine and
-    # learns here, but a change that only moves rounding gives it a new trajectory and may make it fail:
-    # measure the odds before and after with `python -m benchmarks.reasoning_seeds --seeds 8-13 --jobs 1 --threads 2`.
+    # configs/tiny.yaml at 4000 steps learned the sums in 12 of train.seed 0-13 (jumps at steps 1000-3500;
+    # seeds 1 and 6 stayed at chance). This run (seed 0, jump at 3500) is the same at any thread count on a
+    # given CPU type, but a change that only moves rounding gives it a new trajectory and may make it fail:
+    # measure the odds before and after with `python -m benchmarks.reasoning_seeds --seeds 0-13 --jobs 2`.
     reason = tiny_run_scores["synthetic-reasoning"]["metrics"]
     # reasoning (configs/tiny.yaml: sums modulo 5, 1-2 steps): a uniform guess is right 1/modulus of the time
     chance = 1 / yaml.safe_load((trained_tiny_run / "config.yaml").read_text())["data"]["synthetic"]["modulus"]

@@ -6,7 +6,9 @@ call that reads the ``[out, in]`` weight as stored (``benchmarks/generate.py``; 
 LM head: 4.2 ms -> 0.9 ms). :class:`Linear` therefore keeps, next to a large weight, a packed copy made
 on first use without autograd and re-made whenever the weight changes (its version counter or
 storage), so training, loading a checkpoint or ``model.to(...)`` can never leave it stale. Small
-weights (under :data:`PACK_MIN_BYTES`), training, other devices and dtypes use ``F.linear`` unchanged.
+weights (under :data:`PACK_MIN_BYTES`), other devices and dtypes use ``F.linear`` unchanged; training
+on CPU uses :func:`moelab.model.weight_grad.linear` (``F.linear`` with a weight gradient summed over
+tokens in a thread-count-independent order).
 The packed copy costs the weight's size again in memory while the model is used for inference.
 A weight made under ``torch.inference_mode()`` (an inference tensor) has no version counter, so it is
 never packed: it multiplies with ``F.linear`` (a model built or loaded in inference mode works, without
@@ -24,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .weight_grad import linear
+
 #: Weights smaller than this multiply with ``F.linear``: packing does not pay for itself there.
 PACK_MIN_BYTES = 1 << 19
 
@@ -36,7 +40,7 @@ LAYOUTS = {
     "experts_gate_up": lambda w: w.reshape(-1, w.shape[-1]),
     "experts_down": lambda w: w.permute(1, 0, 2).reshape(w.shape[1], -1),
 }
-_PACKED: dict[tuple[int, str], tuple["weakref.ref[torch.Tensor]", int, int, torch.Tensor]] = {}
+_PACKED: dict[tuple[int, str], tuple[weakref.ref[torch.Tensor], int, int, torch.Tensor]] = {}
 
 
 def _packed_weight(w: torch.Tensor, layout: str = "nk") -> torch.Tensor:
@@ -95,4 +99,4 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_packed(x, self.weight):
             return packed_linear(x, self.weight)
-        return F.linear(x, self.weight)
+        return linear(x, self.weight)

@@ -56,6 +56,7 @@ from .linear import packed_linear, use_packed
 from .losses import load_balancing_loss, router_z_loss
 from .precision import acc_dtype, to_acc
 from .swiglu import weighted_swiglu, weighted_swiglu_backward, weighted_swiglu_forward
+from .weight_grad import linear, weight_grad
 
 BACKENDS = ("grouped_mm", "loop", "naive")
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
@@ -92,7 +93,7 @@ def route(x_TD: torch.Tensor, w_router_ED: torch.Tensor, top_k: int, norm_topk_p
     router_dtype = acc_dtype(x_TD.dtype)
     device = x_TD.device.type  # entering autocast(enabled=False) costs ~8 us: only when autocast is on
     with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
-        logits_TE = F.linear(_cast(x_TD, router_dtype), _cast(w_router_ED, router_dtype))
+        logits_TE = linear(_cast(x_TD, router_dtype), _cast(w_router_ED, router_dtype))
     probs_TE = torch.softmax(logits_TE, dim=-1)
     weight_TK, expert_TK = torch.topk(probs_TE, top_k, dim=-1)
     if norm_topk_prob:
@@ -279,11 +280,12 @@ def _grouped_mm_nt(a_SK: torch.Tensor, w_ENK: torch.Tensor, offsets_E: torch.Ten
 
 def _expert_weight_grads(dy_SN, x_SK, counts: list[int], grad_ENK: torch.Tensor) -> None:
     """``grad[e] = dy_e.T @ x_e`` for the consecutive experts of ``grad_ENK`` whose row groups of
-    sizes ``counts`` tile ``dy_SN`` and ``x_SK``, written in place; zero for an expert without rows."""
+    sizes ``counts`` tile ``dy_SN`` and ``x_SK``, written in place; zero for an expert without rows.
+    Each sum over an expert's rows is :func:`weight_grad`'s thread-count-independent order."""
     # one split / unbind call each instead of slicing per expert: fewer Python-level ops per expert
     for n, dy_nN, x_nK, grad_NK in zip(counts, dy_SN.split(counts), x_SK.split(counts), grad_ENK.unbind(0)):
         if n:
-            torch.mm(dy_nN.t(), x_nK, out=grad_NK)
+            weight_grad(dy_nN, x_nK, out=grad_NK)
         else:
             grad_NK.zero_()
 
@@ -639,7 +641,8 @@ def experts_static(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.
 
 
 def experts_loop(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.Tensor:
-    """Dispatch with one plain matmul pair per non-empty expert over its contiguous slice."""
+    """Dispatch with one plain matmul pair per non-empty expert over its contiguous slice (weight
+    gradients in :func:`weight_grad`'s thread-count-independent order when training on CPU)."""
     dtype = _compute_dtype(x_TD)
     plan = DispatchPlan.from_routing(routing)
     x_SD = _gather(x_TD, plan).to(dtype)
@@ -647,7 +650,7 @@ def experts_loop(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.Te
     w_gate_up = w_gate_up_E2FD.to(dtype).unbind(0)  # one backward node for all experts
     w_down = w_down_EDF.to(dtype).unbind(0)
     outputs = [
-        _weighted_swiglu(x_nD @ w_gate_up[e].T, w_n) @ w_down[e].T
+        linear(_weighted_swiglu(linear(x_nD, w_gate_up[e]), w_n), w_down[e])
         for e, (x_nD, w_n) in enumerate(zip(x_SD.split(sizes), plan.weight_S.split(sizes)))
         if sizes[e] > 0
     ]
