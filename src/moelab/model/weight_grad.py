@@ -14,7 +14,7 @@ chunk with one BLAS call short enough not to be split across threads, and adds t
 token order. The result depends only on the shapes, never on the thread count (measured at 1-16
 threads on 2 cores; ``tests/test_weight_grad.py`` checks 1-4 threads, run it on a machine with many
 cores). It rounds differently from a plain ``mm``, so trajectories differ from before, and costs a
-little: a training step on 2 cores took 0-4 % longer (``tiny`` preset 4 %, d_model 256 about 1 %).
+little: a training step on 2 cores took 2-5 % longer (``tiny`` preset 5 %, d_model 256 and ``small`` 2 %).
 
 :class:`TokenOrderLinear` is ``F.linear`` whose weight gradient is :func:`weight_grad`; :func:`linear`
 uses it where it matters (CPU, autograd recording, no autocast, not inside ``torch.compile``) and
