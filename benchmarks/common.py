@@ -89,7 +89,7 @@ def setup() -> None:
     (:func:`moelab.allocator.keep_freed_memory`), so that an implementation whose temporaries exceed
     glibc's 32 MiB mmap threshold is not timed paying a page fault per 4 KiB page on every call. With
     glibc's defaults the dense floor of the wide layer shapes (hidden width 1 024 at 4 096 tokens:
-    33.5 MB activations) paid them and moelab's layer (blocks under 4 MiB) did not, which flattered the
+    33.5 MB activations) paid them and moelab's layer (its blocks then under 4 MiB) did not, which flattered the
     layer's ratios (E 64: 1.29x the floor with glibc's defaults, 1.70x with freed memory kept, in two runs
     of ``benchmarks/moe_layer.py`` minutes apart). As in the
     ``moelab`` command, ``MOELAB_SYSTEM_MALLOC=1`` keeps the defaults; the JSON records which was used.

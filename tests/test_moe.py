@@ -262,34 +262,65 @@ def test_blocked_cpu_dispatch_matches_naive(block_bytes, monkeypatch):
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-5)
 
 
-def test_l2_cache_bytes_reads_sysfs(tmp_path):
-    from moelab.model.moe import l2_cache_bytes
+def test_blocked_cpu_dispatch_is_bitwise_independent_of_the_block_size(monkeypatch):
+    """The block size follows the machine's caches (and thread count); every expert's products and
+    every token's sum run in the same order whatever the blocks, so results are equal bit for bit."""
+    import moelab.model.moe as moe_module
+
+    moe = make_moe(16, 4, D=32, Fh=24)
+    x = torch.randn(300, 32)
+    results = []
+    for block_bytes in (1, 24 * 4 * 2 * 200, 1 << 30):  # one expert per block, 2-3 experts per block, one block
+        monkeypatch.setattr(moe_module, "CPU_BLOCK_BYTES", block_bytes)
+        results.append(run(moe, x, "grouped_mm"))
+    y0, gx0, g0, _ = results[0]
+    for y, gx, g, _ in results[1:]:
+        assert torch.equal(y, y0) and torch.equal(gx, gx0)
+        assert all(torch.equal(g[name], g0[name]) for name in g0)
+
+
+def test_cpu_cache_bytes_reads_sysfs(tmp_path):
+    from moelab.model.moe import cpu_cache_bytes
 
     for i, (level, kind, size) in enumerate([("1", "Data", "48K"), ("1", "Instruction", "32K"), ("2", "Unified", "2048K"), ("3", "Unified", "300M")]):
         d = tmp_path / f"index{i}"
         d.mkdir()
         for name, value in (("level", level), ("type", kind), ("size", size)):
             (d / name).write_text(value + "\n")
-    assert l2_cache_bytes(tmp_path) == 2 << 20
+    assert cpu_cache_bytes(1, tmp_path) == 48 << 10  # the data cache, not the instruction cache
+    assert cpu_cache_bytes(2, tmp_path) == 2 << 20
+    assert cpu_cache_bytes(3, tmp_path) == 300 << 20
     (tmp_path / "index2" / "size").write_text("1M\n")
-    assert l2_cache_bytes(tmp_path) == 1 << 20
-    assert l2_cache_bytes(tmp_path / "missing") is None
+    assert cpu_cache_bytes(2, tmp_path) == 1 << 20
+    (tmp_path / "index3" / "size").write_text("bogus\n")  # unreadable size: unknown
+    assert cpu_cache_bytes(3, tmp_path) is None
+    assert cpu_cache_bytes(4, tmp_path) is None
+    assert cpu_cache_bytes(2, tmp_path / "missing") is None
 
 
-def test_cpu_block_bytes_is_l2_per_thread_clamped(monkeypatch):
+def test_cpu_block_bytes_rule(monkeypatch):
+    """max(L2 per thread, half the L3), clamped to 256 KiB - 16 MiB; an explicit setting wins."""
     import moelab.model.moe as moe_module
 
     threads = torch.get_num_threads()
     monkeypatch.setattr(moe_module, "_L2_BYTES", 2 << 20)
+    monkeypatch.setattr(moe_module, "_L3_BYTES", None)
     try:
         torch.set_num_threads(1)
         assert moe_module.cpu_block_bytes() == 2 << 20
         torch.set_num_threads(2)
         assert moe_module.cpu_block_bytes() == 4 << 20
-        monkeypatch.setattr(moe_module, "_L2_BYTES", None)  # unknown: 256 KiB per thread
+        monkeypatch.setattr(moe_module, "_L3_BYTES", 32 << 20)  # half the L3 when that is larger
+        assert moe_module.cpu_block_bytes() == 16 << 20
+        monkeypatch.setattr(moe_module, "_L3_BYTES", 4 << 20)  # ... and the L2 rule when not
+        assert moe_module.cpu_block_bytes() == 4 << 20
+        monkeypatch.setattr(moe_module, "_L3_BYTES", 1 << 30)  # clamped to 16 MiB
+        assert moe_module.cpu_block_bytes() == 16 << 20
+        monkeypatch.setattr(moe_module, "_L2_BYTES", None)  # both unknown: 256 KiB per thread
+        monkeypatch.setattr(moe_module, "_L3_BYTES", None)
         assert moe_module.cpu_block_bytes() == 512 << 10
-        monkeypatch.setattr(moe_module, "_L2_BYTES", 64 << 20)  # clamped to 8 MiB
-        assert moe_module.cpu_block_bytes() == 8 << 20
+        monkeypatch.setattr(moe_module, "_L2_BYTES", 64 << 20)  # clamped to 16 MiB
+        assert moe_module.cpu_block_bytes() == 16 << 20
         monkeypatch.setattr(moe_module, "CPU_BLOCK_BYTES", 12345)  # an explicit setting wins
         assert moe_module.cpu_block_bytes() == 12345
     finally:
