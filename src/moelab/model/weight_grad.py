@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 
 #: Rows per chunk of the token sum. On a 2-core Xeon, MKL split sums of 1 024 terms across threads
-#: (small outputs, 2-16 threads) and no sum of up to 768; a chunk's product is one unsplit call.
-#: ``tests/test_weight_grad.py`` checks the resulting invariance at 1-4 threads.
+#: (small outputs, 2-16 threads) and no sum of up to 768; a chunk's product is one unsplit call. On a
+#: 2-core AMD EPYC (AVX2) MKL split none of the tested sums (up to 8 192 terms), and the chunked sums
+#: were equal at 1-16 threads there too. ``tests/test_weight_grad.py`` checks invariance at 1-4 threads.
 TOKEN_CHUNK = 512
 
 
