@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from moelab.allocator import allocator_state, keep_freed_memory
+from moelab.blas import mkl_reproducibility
 from moelab.errors import MoelabError
 from moelab.io import atomic_write_json
 
@@ -103,6 +104,7 @@ def setup() -> None:
 def machine_info() -> dict:
     return {
         "allocator": allocator_state(),
+        "mkl_reproducibility": mkl_reproducibility(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),

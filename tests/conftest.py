@@ -10,6 +10,26 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The suite runs on pytest-xdist workers (README: ``-n 2 --dist loadfile``). Each worker gets
+# cores / workers threads, for torch in the worker and (through OMP_NUM_THREADS) for the processes its
+# tests start, so workers do not oversubscribe the cores (OpenMP barriers stall when another process
+# holds them). Results do not depend on the thread count (tests/test_blas.py, tests/test_weight_grad.py).
+TRAINED_TINY_MODULE = "test_trained_tiny.py"
+
+
+def pytest_configure(config):
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        n = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(n)
+        os.environ["OMP_NUM_THREADS"] = str(n)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The once-trained ``tiny`` run's module goes first: with ``--dist loadfile`` its worker starts the
+    training (~11 minutes on one core) at once, while the other worker runs the rest of the suite."""
+    items.sort(key=lambda item: item.path.name != TRAINED_TINY_MODULE)  # stable: otherwise in order
+
 
 def data_root() -> Path:
     return Path(os.environ.get("MOELAB_DATA", REPO.parent / "shared" / "data")).resolve()
@@ -42,6 +62,7 @@ def _deterministic():
 @pytest.fixture(scope="session")
 def trained_tiny_run(tmp_path_factory) -> Path:
     """A run directory trained once per session with ``configs/tiny.yaml`` (byte tokenizer, synthetic data).
+    Only ``tests/test_trained_tiny.py`` uses it (one module: one xdist worker trains it).
 
     Holds ``config.yaml``, ``metrics.jsonl``, ``data/`` (with the synthetic test sets) and checkpoints;
     ``moelab.load(run_dir)`` returns the final model.

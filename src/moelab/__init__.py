@@ -17,6 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .blas import request_strict_reproducibility
+
+request_strict_reproducibility()  # before any matmul: MKL products then do not depend on the thread count
+
 from . import accounting
 from .allocator import keep_freed_memory
 from .config import ModelConfig

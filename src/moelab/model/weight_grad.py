@@ -6,8 +6,10 @@ is small and ``T`` large (every projection of a small model, the router, the LM 
 receives many tokens), MKL splits that sum across threads, so its rounding -- and, after thousands of
 steps, a run's whole trajectory -- depended on ``torch.get_num_threads()``: the same seed trained at one
 and at two threads learned the synthetic reasoning task at different steps, or not at all. Every other
-computation of a training step was measured equal bit for bit at 1 and 2 threads (forward outputs,
-input gradients, gradient norm, fused AdamW, initialisation).
+computation of a training step was measured equal bit for bit at 1 and 2 threads on that Xeon (forward
+outputs, input gradients, gradient norm, fused AdamW, initialisation). On an AMD EPYC, MKL also
+rounded products of 5-11 rows differently at 2 threads: :mod:`moelab.blas` turns on MKL's strict
+reproducibility mode for that.
 
 :func:`weight_grad` therefore cuts the tokens into chunks of :data:`TOKEN_CHUNK` rows, multiplies each
 chunk with one BLAS call short enough not to be split across threads, and adds the chunk products in
