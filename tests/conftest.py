@@ -17,17 +17,24 @@ REPO = Path(__file__).resolve().parents[1]
 TRAINED_TINY_MODULE = "test_trained_tiny.py"
 
 
-def pytest_configure(config):
+_DEFAULT_THREADS = torch.get_num_threads()
+
+
+def worker_threads() -> int:
+    """Threads for this process's share of the cores: torch's default, or cores / workers on xdist."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
-    if workers > 1:
-        n = max(1, (os.cpu_count() or 1) // workers)
-        torch.set_num_threads(n)
-        os.environ["OMP_NUM_THREADS"] = str(n)
+    return max(1, (os.cpu_count() or 1) // workers) if workers > 1 else _DEFAULT_THREADS
+
+
+def pytest_configure(config):
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")) > 1:
+        torch.set_num_threads(worker_threads())
+        os.environ["OMP_NUM_THREADS"] = str(worker_threads())
 
 
 def pytest_collection_modifyitems(config, items):
     """The once-trained ``tiny`` run's module goes first: with ``--dist loadfile`` its worker starts the
-    training (~11 minutes on one core) at once, while the other worker runs the rest of the suite."""
+    training (minutes) at once, while the other worker runs the rest of the suite."""
     items.sort(key=lambda item: item.path.name != TRAINED_TINY_MODULE)  # stable: otherwise in order
 
 
@@ -57,19 +64,3 @@ def one_thread():
 def _deterministic():
     torch.manual_seed(0)
     yield
-
-
-@pytest.fixture(scope="session")
-def trained_tiny_run(tmp_path_factory) -> Path:
-    """A run directory trained once per session with ``configs/tiny.yaml`` (byte tokenizer, synthetic data).
-    Only ``tests/test_trained_tiny.py`` uses it (one module: one xdist worker trains it).
-
-    Holds ``config.yaml``, ``metrics.jsonl``, ``data/`` (with the synthetic test sets) and checkpoints;
-    ``moelab.load(run_dir)`` returns the final model.
-    """
-    from moelab.train.config import load_run_config
-    from moelab.train.loop import train
-
-    out = tmp_path_factory.mktemp("trained_tiny") / "run"
-    train(load_run_config(REPO / "configs" / "tiny.yaml"), out, quiet=True)
-    return out

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import moelab
+from moelab.errors import ConfigError
 from moelab.train.checkpoint import CorruptCheckpointWarning, latest_good_checkpoint, list_checkpoints, step_dir
 from moelab.train.config import run_config_from_dict
 from moelab.train.loop import train
@@ -111,3 +112,25 @@ def test_keep_checkpoints_prunes_old_ones(tmp_path):
     out = tmp_path / "run"
     train(run_config_from_dict(tiny_run_dict(12, checkpoint_every=3, keep_checkpoints=2)), out, quiet=True)
     assert [s for s, _ in list_checkpoints(out)] == [9, 12]
+
+
+def test_training_in_slices_with_until_step_equals_one_run(reference_run, tmp_path):
+    out = tmp_path / "run"
+    cfg = run_config_from_dict(tiny_run_dict(40))
+    first = train(cfg, out, quiet=True, until_step=17)  # not a checkpoint step: one is written there
+    assert (first["step"], first["steps"]) == (17, 40) and first["checkpoint"] == str(step_dir(out, 17))
+    assert max(r["step"] for r in read_metrics(out)) == 17
+    assert train(cfg, out, quiet=True, until_step=12)["step"] == 17  # already past it: nothing to do
+    cfg_file = write_config(tmp_path / "run.yaml", tiny_run_dict(40))
+    r = run_cli("train", str(cfg_file), "--out", str(out), "-q", "--until-step", "33")
+    assert r.returncode == 0, r.stderr
+    assert train(cfg, out, quiet=True)["step"] == 40
+    assert without_timing(read_metrics(out)) == without_timing(read_metrics(reference_run))
+    assert (step_dir(out, 40) / "model.safetensors").read_bytes() == (step_dir(reference_run, 40) / "model.safetensors").read_bytes()
+
+
+def test_until_step_below_one_is_a_one_line_error(tmp_path):
+    with pytest.raises(ConfigError, match="until_step=0 must be at least 1"):
+        train(run_config_from_dict(tiny_run_dict(40)), tmp_path / "run", quiet=True, until_step=0)
+    r = run_cli("train", str(write_config(tmp_path / "run.yaml", tiny_run_dict(40))), "--out", str(tmp_path / "cli"), "--until-step", "-3")
+    assert r.returncode != 0 and "until_step=-3 must be at least 1" in r.stderr and "Traceback" not in r.stderr

@@ -1,7 +1,8 @@
-"""``moelab train CONFIG.yaml --out RUN_DIR [--set key.path=value ...] [--resume/--no-resume]``.
+"""``moelab train CONFIG.yaml --out RUN_DIR [--set key.path=value ...] [--resume/--no-resume] [--until-step N]``.
 
 Re-running the same command resumes from the newest complete checkpoint (``--resume`` is the
-default); ``--no-resume`` refuses a run directory that already holds checkpoints. CONFIG may be
+default); ``--until-step N`` stops after step N with a checkpoint (the schedule stays that of
+``train.steps``), so a run can be trained in slices; ``--no-resume`` refuses a run directory that already holds checkpoints. CONFIG may be
 omitted when RUN_DIR already holds a run (its stored ``config.yaml`` is used).
 Under ``torchrun`` the same command trains data-parallel (see :mod:`moelab.train.distributed`).
 """
@@ -24,6 +25,7 @@ def train_cmd(
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the newest good checkpoint in --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", "--no-progress", help="No progress bar or progress lines (--no-progress as in moelab eval)."),
     as_json: bool = typer.Option(False, "--json", help="Print the final summary as one JSON line."),
+    until_step: Optional[int] = typer.Option(None, "--until-step", help="Stop after this step with a checkpoint (schedule unchanged); re-running continues."),
 ) -> None:
     """Pre-train a MoE LM (also under torchrun); writes checkpoints, metrics.jsonl and config.yaml to --out."""
     from .config import load_run_config
@@ -34,7 +36,7 @@ def train_cmd(
         if not config.is_file():
             raise ConfigError(f"no CONFIG given and {config} does not exist; pass the run YAML, e.g. moelab train configs/tiny.yaml --out {out}")
     run = load_run_config(config, list(set_ or []))
-    summary = train(run, out, resume=resume, quiet=quiet)
+    summary = train(run, out, resume=resume, quiet=quiet, until_step=until_step)
     if summary["rank"] != 0:
         return  # ranks > 0 stay silent
     if as_json:

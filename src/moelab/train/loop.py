@@ -140,22 +140,32 @@ def _export_model(raw, model_state: dict[str, torch.Tensor] | None):
 
 
 # ------------------------------------------------------------------ the loop
-def train(run: RunConfig, out_dir: str | Path, resume: bool = True, quiet: bool = False) -> dict[str, Any]:
-    """Train (or resume) the run in ``out_dir``; returns a summary dict (see :func:`_train`)."""
+def train(run: RunConfig, out_dir: str | Path, resume: bool = True, quiet: bool = False,
+          until_step: int | None = None) -> dict[str, Any]:
+    """Train (or resume) the run in ``out_dir``; returns a summary dict (see :func:`_train`).
+
+    ``until_step`` stops after that step (of the run's ``train.steps``, whose learning-rate schedule is
+    unchanged) with a checkpoint, as if the run were interrupted there: calling again without it (or
+    with a later step) continues bit for bit on CPU. For time-limited jobs, or to look at a run midway.
+    """
+    if until_step is not None and until_step < 1:
+        raise ConfigError(f"until_step={until_step} must be at least 1; give the step to stop after, or none to train to the end")
     device = resolve_device(run.train.device)
     d = distributed.setup(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
     try:
-        return _train(run, Path(out_dir), resume, quiet, d, device)
+        return _train(run, Path(out_dir), resume, quiet, d, device, until_step)
     finally:
         distributed.teardown(d)
 
 
-def _train(run: RunConfig, out: Path, resume: bool, quiet: bool, d: distributed.Dist, device: torch.device) -> dict[str, Any]:
+def _train(run: RunConfig, out: Path, resume: bool, quiet: bool, d: distributed.Dist, device: torch.device,
+           until_step: int | None = None) -> dict[str, Any]:
     tc, seq_len = run.train, run.data.seq_len
     check_run_dir(run, out, resume)
     steps = total_steps(run, d.world_size)
+    stop = steps if until_step is None else min(steps, until_step)
     per_step = tokens_per_step(run, d.world_size)
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -206,7 +216,7 @@ def _train(run: RunConfig, out: Path, resume: bool, quiet: bool, d: distributed.
     tokens_since = 0
     n_layers = run.model.n_layers
     try:
-        while step < steps:
+        while step < stop:
             lr = lr_at(step, tc.lr, tc.warmup_steps, steps, tc.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -268,7 +278,7 @@ def _train(run: RunConfig, out: Path, resume: bool, quiet: bool, d: distributed.
             if val_loss is not None:
                 progress.note(f"step {step}/{steps}  loss {loss:.4f}  val_loss {val_loss:.4f}  lr {lr:.3g}")
 
-            if step % tc.checkpoint_every == 0 or step == steps:
+            if step % tc.checkpoint_every == 0 or step == stop:  # the end, or where until_step stops
                 last_ckpt = str(_save(run, out, step, tokens, model, raw, optimizer, loader, tokenizer, d, fsdp))
     finally:
         progress.close()
