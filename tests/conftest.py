@@ -15,8 +15,6 @@ REPO = Path(__file__).resolve().parents[1]
 # tests start, so workers do not oversubscribe the cores (OpenMP barriers stall when another process
 # holds them). Results do not depend on the thread count (tests/test_blas.py, tests/test_weight_grad.py).
 TRAINED_TINY_MODULE = "test_trained_tiny.py"
-
-
 _DEFAULT_THREADS = torch.get_num_threads()
 
 
@@ -28,8 +26,9 @@ def worker_threads() -> int:
 
 def pytest_configure(config):
     if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")) > 1:
-        torch.set_num_threads(worker_threads())
-        os.environ["OMP_NUM_THREADS"] = str(worker_threads())
+        n = worker_threads()
+        torch.set_num_threads(n)
+        os.environ["OMP_NUM_THREADS"] = str(n)
 
 
 def pytest_collection_modifyitems(config, items):

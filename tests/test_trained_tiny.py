@@ -51,25 +51,36 @@ def meets_thresholds(scores: dict, chance: float) -> bool:
 
 
 @pytest.fixture(scope="module")
-def trained_tiny_run(tmp_path_factory) -> Path:
+def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
     """A run directory of ``configs/tiny.yaml`` (byte tokenizer, synthetic data), trained on its own
-    4 000-step schedule until it meets this module's thresholds.
+    4 000-step schedule until it meets this module's thresholds, and its scores (:func:`evaluate_run`).
 
     It trains in slices of :data:`SLICE_STEPS` (``train(until_step=...)``, bit for bit the same run as
-    one call) and stops at the first slice end where its scores meet the thresholds the tests below
-    assert, or at the end of the schedule. Holds ``config.yaml``, ``metrics.jsonl``, ``data/`` (with the
-    synthetic test sets) and checkpoints; ``moelab.load(run_dir)`` returns the newest model.
+    one call), scoring each slice's end, and stops at the first whose scores meet the thresholds the
+    tests below assert, or at the end of the schedule. The run directory holds ``config.yaml``,
+    ``metrics.jsonl``, ``data/`` (with the synthetic test sets) and checkpoints; ``moelab.load(run_dir)``
+    returns the newest model.
     """
     run = load_run_config(REPO / "configs" / "tiny.yaml")
     out = tmp_path_factory.mktemp("trained_tiny") / "run"
-    scores = tmp_path_factory.mktemp("slice_scores")
+    score_dir = tmp_path_factory.mktemp("slice_scores")
     with threads(worker_threads()):  # all of this process's share of the cores (one_thread is for the tests)
         for until in range(SLICE_STEPS, run.train.steps + SLICE_STEPS, SLICE_STEPS):
-            if train(run, out, quiet=True, until_step=until)["step"] >= run.train.steps:
-                break
-            if meets_thresholds(evaluate_run(out, scores / f"step{until}.json"), reasoning_chance(out)):
-                break
-    return out
+            step = train(run, out, quiet=True, until_step=until)["step"]
+            scores = evaluate_run(out, score_dir / f"step{step}.json")
+            if step >= run.train.steps or meets_thresholds(scores, reasoning_chance(out)):
+                return out, scores
+    raise AssertionError("unreachable: the last slice ends the schedule")
+
+
+@pytest.fixture(scope="module")
+def trained_tiny_run(tiny_run) -> Path:
+    return tiny_run[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_run_scores(tiny_run) -> dict:
+    return tiny_run[1]
 
 
 def unigram_entropy_nats(shards: ShardSet) -> float:
@@ -87,11 +98,6 @@ def test_tiny_preset_learns(trained_tiny_run: Path):
     assert vals[-1] < vals[0]
     model = moelab.load(trained_tiny_run)
     assert model.config.d_model == 64
-
-
-@pytest.fixture(scope="module")
-def tiny_run_scores(trained_tiny_run, tmp_path_factory):
-    return evaluate_run(trained_tiny_run, tmp_path_factory.mktemp("scores") / "r.json")
 
 
 def test_tiny_run_memorizes_above_chance(tiny_run_scores):
