@@ -25,6 +25,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .linear import Linear
+from .materialize import materialize
 from .moe import MoE, MoEAux
 from .precision import to_acc
 
@@ -82,27 +83,6 @@ class KVCache:
         """Keep only the given batch rows (e.g. drop finished sequences)."""
         self.keys = [k[batch_index] for k in self.keys]
         self.values = [v[batch_index] for v in self.values]
-
-
-# an opaque op for the compiler; ``torch.library.define`` rather than ``custom_op``, whose Python wrapper
-# costs ~15 us more per call (see ``linear.py``)
-torch.library.define("moelab::materialize", "(Tensor x) -> Tensor")
-
-
-@torch.library.impl("moelab::materialize", "CompositeExplicitAutograd")
-def _materialize(x: torch.Tensor) -> torch.Tensor:
-    return x.clone()
-
-
-@torch.library.register_fake("moelab::materialize")
-def _(x):
-    return torch.empty_like(x)
-
-
-def materialize(x: torch.Tensor) -> torch.Tensor:
-    """A copy of ``x`` that ``torch.compile`` cannot fuse into its consumers (an opaque op): forces the
-    compiler to compute ``x`` once instead of inlining its producer into every use."""
-    return torch.ops.moelab.materialize(x)
 
 
 class Attention(nn.Module):
