@@ -561,6 +561,20 @@ def test_fused_reduce_matches_naive(E, k, T):
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
 
 
+def test_fused_reduce_keeps_bf16():
+    """In bf16 the fused reductions return bf16, within bf16 rounding of the float32 reference."""
+    from moelab.model.moe import experts_fused_reduce
+
+    moe = make_moe(8, 2, backend="grouped_mm")
+    x = torch.randn(16, 16)
+    with torch.no_grad():
+        r = route(x, moe.router.weight, 2, moe.norm_topk_prob)
+        ref = experts_fused_reduce(x, moe.w_gate_up, moe.w_down, r)
+        y = experts_fused_reduce(x.bfloat16(), moe.w_gate_up.bfloat16(), moe.w_down.bfloat16(), r)
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - ref).abs().max() <= 0.03 * ref.abs().max()
+
+
 @pytest.mark.parametrize("E,k,T,fused", [(8, 2, 16, True), (64, 8, 16, True), (8, 2, 40, False)])
 def test_compiled_static_dispatch_matches_naive(E, k, T, fused, monkeypatch):
     """Under ``torch.compile`` on CPU, the static dispatch takes the fused reductions up to

@@ -659,18 +659,21 @@ def experts_fused_reduce(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> 
 
     Slots are sorted by expert first, so an expert's slots run one after the other and re-read its
     weights from cache: the touched experts' weights come from memory once, as when computing them one
-    by one. The products accumulate in fp32 (whatever the weights' dtype), the activation is
-    :func:`materialize`-d (computed once, not once per output channel) and the ``K`` outputs of a token
-    are summed in a fixed order (deterministic). Eager it is correct but builds ``[S, 2F, D]``
+    by one. The products accumulate in fp32 and are rounded to the compute dtype, as a matmul's outputs
+    are (the rounding points of the other paths, e.g. in bf16); the activation is :func:`materialize`-d
+    (computed once, not once per output channel) and the ``K`` outputs of a token are summed in fp32 in
+    a fixed order (deterministic). Eager it is correct but builds ``[S, 2F, D]``
     products: :func:`experts_static` uses it only while compiling."""
+    dtype = _compute_dtype(x_TD)
     n_tokens, top_k = routing.expert_TK.shape
     plan = DispatchPlan.from_routing(routing)
     expert_S = routing.expert_TK.reshape(-1)[plan.order_S]
-    x_SD = materialize(to_acc(x_TD).index_select(0, plan.token_S))
-    h_S2F = (to_acc(w_gate_up_E2FD[expert_S]) * x_SD.unsqueeze(1)).sum(dim=-1)
-    a_SF = materialize(_swiglu(h_S2F) * plan.weight_S.unsqueeze(1))
-    y_SD = (to_acc(w_down_EDF[expert_S]) * a_SF.unsqueeze(1)).sum(dim=-1)
-    y_TKD = y_SD[plan.inverse_S].view(n_tokens, top_k, -1)
+    x_SD = materialize(to_acc(x_TD.to(dtype)).index_select(0, plan.token_S))
+    # each product accumulates in fp32 and is rounded to the compute dtype, as a matmul's output
+    h_S2F = (to_acc(w_gate_up_E2FD[expert_S].to(dtype)) * x_SD.unsqueeze(1)).sum(dim=-1).to(dtype)
+    a_SF = materialize(to_acc(_weighted_swiglu(h_S2F, plan.weight_S)))
+    y_SD = (to_acc(w_down_EDF[expert_S].to(dtype)) * a_SF.unsqueeze(1)).sum(dim=-1).to(dtype)
+    y_TKD = to_acc(y_SD[plan.inverse_S]).view(n_tokens, top_k, -1)
     return y_TKD.sum(dim=1).to(x_TD.dtype)
 
 
