@@ -126,9 +126,9 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class DispatchPlan:
     """The ``S = T*K`` routing slots in expert-sorted order.
 
-    ``token_S`` is the token of each sorted slot, ``weight_S`` its fp32 combine weight and
-    ``inverse_S`` the permutation back to (token, k) order (computed when asked for: only the
-    permutation combine needs it). Built once per layer and used by the gather, the grouped matmuls
+    ``token_S`` is the token of each sorted slot, ``weight_S`` its fp32 combine weight; ``expert_S``
+    (its expert) and ``inverse_S`` (the permutation back to (token, k) order) are computed when asked
+    for: the training dispatch needs neither. Built once per layer and used by the gather, the grouped matmuls
     (via ``tokens_per_expert_E``) and the combine.
     """
 
@@ -137,18 +137,26 @@ class DispatchPlan:
     order_S: torch.Tensor
     n_tokens: int
     top_k: int
+    expert_TK_flat: torch.Tensor  # the routing's experts in (token, k) order, a view
 
     @classmethod
     def from_routing(cls, routing: "Routing") -> "DispatchPlan":
         n_tokens, top_k = routing.expert_TK.shape
-        order_S = torch.argsort(routing.expert_TK.reshape(-1), stable=True)
+        expert_TK_flat = routing.expert_TK.reshape(-1)
+        order_S = torch.argsort(expert_TK_flat, stable=True)
         return cls(
             token_S=torch.div(order_S, top_k, rounding_mode="floor"),
             weight_S=routing.weight_TK.reshape(-1)[order_S],
             order_S=order_S,
             n_tokens=n_tokens,
             top_k=top_k,
+            expert_TK_flat=expert_TK_flat,
         )
+
+    @property
+    def expert_S(self) -> torch.Tensor:
+        """The expert of each sorted slot (non-decreasing)."""
+        return self.expert_TK_flat[self.order_S]
 
     @property
     def inverse_S(self) -> torch.Tensor:
@@ -532,7 +540,7 @@ def experts_strided_runs(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> 
         x_S1D = _cast(x_TD, dtype).expand(len(experts), -1).unsqueeze(1)  # a view of the one row
     else:
         plan = DispatchPlan.from_routing(routing)  # the shared sort: slots in expert order
-        expert_S = routing.expert_TK.reshape(-1)[plan.order_S].tolist()
+        expert_S = plan.expert_S.tolist()
         weight_S = plan.weight_S
         x_S1D = _cast(_gather(x_TD, plan), dtype).unsqueeze(1)
     h_S12F = x_S1D.new_empty(len(expert_S), 1, w_gate_up_E2FD.shape[1])
@@ -642,15 +650,6 @@ def experts_all_dense(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> tor
 FUSED_REDUCE_MAX_SLOTS_PER_EXPERT = 8
 
 
-def _use_fused_reduce(x_TD: torch.Tensor, routing: Routing) -> bool:
-    n_slots, n_experts = routing.expert_TK.numel(), routing.probs_TE.shape[1]
-    return (
-        x_TD.device.type == "cpu"
-        and torch.compiler.is_compiling()
-        and n_experts < n_slots <= FUSED_REDUCE_MAX_SLOTS_PER_EXPERT * n_experts
-    )
-
-
 def experts_fused_reduce(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.Tensor:
     """Compiled CPU decode path for a batch: each slot's expert products written as elementwise products
     summed over ``D`` (then ``F``), which ``torch.compile`` turns into two loops that read every slot's
@@ -667,7 +666,7 @@ def experts_fused_reduce(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> 
     dtype = _compute_dtype(x_TD)
     n_tokens, top_k = routing.expert_TK.shape
     plan = DispatchPlan.from_routing(routing)
-    expert_S = routing.expert_TK.reshape(-1)[plan.order_S]
+    expert_S = plan.expert_S
     x_SD = materialize(to_acc(x_TD.to(dtype)).index_select(0, plan.token_S))
     # each product accumulates in fp32 and is rounded to the compute dtype, as a matmul's output
     h_S2F = (to_acc(w_gate_up_E2FD[expert_S].to(dtype)) * x_SD.unsqueeze(1)).sum(dim=-1).to(dtype)
@@ -688,13 +687,14 @@ def experts_static(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.
     n_slots, n_experts = routing.expert_TK.numel(), w_gate_up_E2FD.shape[0]
     if n_slots <= n_experts or not _grouped_mm_supports(x_TD):
         return experts_gathered(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
-    if _use_fused_reduce(x_TD, routing):
+    compiling_on_cpu = x_TD.device.type == "cpu" and torch.compiler.is_compiling()  # the fused loops are the compiler's
+    if compiling_on_cpu and n_slots <= FUSED_REDUCE_MAX_SLOTS_PER_EXPERT * n_experts:
         return experts_fused_reduce(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
     if _use_all_dense(x_TD, w_gate_up_E2FD, w_down_EDF, routing):
         return experts_all_dense(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
     dtype = _compute_dtype(x_TD)
     plan = DispatchPlan.from_routing(routing)
-    expert_S = routing.expert_TK.reshape(-1)[plan.order_S]
+    expert_S = plan.expert_S
     ends_E = torch.searchsorted(expert_S, torch.arange(1, n_experts + 1, device=x_TD.device) - 1, right=True)
     x_SD = _gather(x_TD, plan).to(dtype)
     y_SD = _experts_block(x_SD, plan.weight_S, w_gate_up_E2FD, w_down_EDF, ends_E.to(torch.int32), dtype)
