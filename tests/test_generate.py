@@ -212,8 +212,12 @@ def test_decode_step_equals_cached_forward(kw, dtype=torch.float32, tol=1e-4):
             pos_B = L - pad_B + step
             want = model(tokens[:, None], positions=pos_B[:, None], cache=caches[0], key_padding_mask=mask_BS[:, : slot + 1],
                          logits_to_keep=1).logits[:, -1]
+            cache_before = [t.clone() for t in caches[1].keys + caches[1].values]
+            greedy = model.decode_step(tokens, pos_B, caches[1], mask_BS[:, : slot + 1], greedy=True)
+            caches[1].keys, caches[1].values = cache_before[: cfg.n_layers], cache_before[cfg.n_layers :]
             got = model.decode_step(tokens, pos_B, caches[1], mask_BS[:, : slot + 1])
             torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+            assert greedy.dtype == torch.int64 and torch.equal(greedy, got.argmax(-1))  # greedy: the same step's argmax
             for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
                 torch.testing.assert_close(a[:, :, : slot + 1], b[:, :, : slot + 1], atol=tol, rtol=tol)
             tokens = want.argmax(-1)
@@ -299,7 +303,8 @@ def test_compiled_step_belongs_to_its_model(monkeypatch, tok):
 
     from moelab.eval.generate import compiled_decode_step
 
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the bookkeeping, not the compiler
+    compile_kwargs = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_kwargs.append(kw) or fn)  # the bookkeeping, not the compiler
     a = tiny_model()
     step_a = compiled_decode_step(a)
     generate(a, tok, ["a"], max_new_tokens=3, compile=True)
@@ -307,5 +312,7 @@ def test_compiled_step_belongs_to_its_model(monkeypatch, tok):
     with torch.no_grad():
         b.lm_head.weight.mul_(-1)
     assert compiled_decode_step(a) is step_a and compiled_decode_step(b) is not step_a
+    # one static graph per batch size (only the cache length dynamic), never a symbolic batch dimension
+    assert all(kw["dynamic"] is False and kw["fullgraph"] for kw in compile_kwargs)
     assert generate(b, tok, PROMPTS[:2], max_new_tokens=6, compile=True) == generate(b, tok, PROMPTS[:2], max_new_tokens=6)
     pickle.dumps(a)

@@ -543,10 +543,12 @@ def test_static_shapes_dispatch_matches_naive(E, k, T, backend, combine_strategy
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("E,k,T", [(8, 2, 16), (64, 8, 16), (4, 4, 7), (16, 1, 40)])
-def test_fused_reduce_matches_naive(E, k, T):
-    """The compiled CPU decode path, run eagerly in float64: the per-slot reductions over sorted slots
-    (skewed routing, empty experts) equal the reference to float64 precision, in float64."""
+@pytest.mark.parametrize("group", [1, 8])
+@pytest.mark.parametrize("E,k,T", [(8, 2, 16), (64, 8, 16), (4, 4, 7), (16, 1, 40), (2, 1, 3)])
+def test_fused_reduce_matches_naive(E, k, T, group):
+    """The compiled CPU decode path, run eagerly in float64: the per-slot reductions over sorted slots,
+    one or eight slots per loop (7*4 and 3 slots: padded to a multiple of 8), with skewed routing and
+    empty experts, equal the reference to float64 precision, in float64."""
     from moelab.model.moe import experts_fused_reduce
 
     moe = make_moe(E, k, backend="grouped_mm").double()
@@ -554,7 +556,7 @@ def test_fused_reduce_matches_naive(E, k, T):
     x[: T // 2] = x[0]
     with torch.no_grad():
         r = route(x, moe.router.weight, k, moe.norm_topk_prob)
-        y = experts_fused_reduce(x, moe.w_gate_up, moe.w_down, r)
+        y = experts_fused_reduce(x, moe.w_gate_up, moe.w_down, r, group)
         moe.set_backend("naive")
         ref, _ = moe(x, with_losses=False)
     assert y.dtype == torch.float64
@@ -575,11 +577,11 @@ def test_fused_reduce_keeps_bf16():
     assert (y.float() - ref).abs().max() <= 0.03 * ref.abs().max()
 
 
-@pytest.mark.parametrize("E,k,T,fused", [(8, 2, 16, True), (64, 8, 16, True), (8, 2, 40, False)])
+@pytest.mark.parametrize("E,k,T,fused", [(8, 2, 16, True), (64, 8, 16, True), (8, 2, 60, True), (8, 2, 80, False)])
 def test_compiled_static_dispatch_matches_naive(E, k, T, fused, monkeypatch):
     """Under ``torch.compile`` on CPU, the static dispatch takes the fused reductions up to
-    ``FUSED_REDUCE_MAX_SLOTS_PER_EXPERT`` slots per expert (here 4 and 2) and the grouped path above
-    (10 per expert); both equal the reference. Eager, the static dispatch never takes them."""
+    ``FUSED_REDUCE_MAX_SLOTS_PER_EXPERT`` slots per expert (here 4, 2 and 15) and the grouped path above
+    (20 per expert); both equal the reference. Eager, the static dispatch never takes them."""
     import moelab.model.moe as moe_module
 
     traced = []

@@ -126,37 +126,33 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class DispatchPlan:
     """The ``S = T*K`` routing slots in expert-sorted order.
 
-    ``token_S`` is the token of each sorted slot, ``weight_S`` its fp32 combine weight; ``expert_S``
-    (its expert) and ``inverse_S`` (the permutation back to (token, k) order) are computed when asked
-    for: the training dispatch needs neither. Built once per layer and used by the gather, the grouped matmuls
-    (via ``tokens_per_expert_E``) and the combine.
+    ``token_S`` is the token of each sorted slot, ``weight_S`` its fp32 combine weight, ``expert_S`` its
+    expert (non-decreasing); ``inverse_S`` (the permutation back to (token, k) order) is computed when
+    asked for: the training dispatch does not need it. Built once per layer and used by the gather,
+    the grouped matmuls (via ``tokens_per_expert_E``) and the combine.
     """
 
     token_S: torch.Tensor
     weight_S: torch.Tensor
+    expert_S: torch.Tensor
     order_S: torch.Tensor
     n_tokens: int
     top_k: int
-    expert_TK_flat: torch.Tensor  # the routing's experts in (token, k) order, a view
 
     @classmethod
     def from_routing(cls, routing: "Routing") -> "DispatchPlan":
         n_tokens, top_k = routing.expert_TK.shape
-        expert_TK_flat = routing.expert_TK.reshape(-1)
-        order_S = torch.argsort(expert_TK_flat, stable=True)
+        # one stable sort gives the sorted experts with the order (argsort would compute and drop them);
+        # compiled, they come out of the sort as a buffer, not as a gather of a gather inside every loop
+        expert_S, order_S = torch.sort(routing.expert_TK.reshape(-1), stable=True)
         return cls(
             token_S=torch.div(order_S, top_k, rounding_mode="floor"),
             weight_S=routing.weight_TK.reshape(-1)[order_S],
+            expert_S=expert_S,
             order_S=order_S,
             n_tokens=n_tokens,
             top_k=top_k,
-            expert_TK_flat=expert_TK_flat,
         )
-
-    @property
-    def expert_S(self) -> torch.Tensor:
-        """The expert of each sorted slot (non-decreasing)."""
-        return self.expert_TK_flat[self.order_S]
 
     @property
     def inverse_S(self) -> torch.Tensor:
@@ -644,13 +640,30 @@ def experts_all_dense(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> tor
 
 
 #: Compiled CPU decode: with more slots than experts but at most this many slots per expert, the experts
-#: run as fused per-slot reductions (:func:`experts_fused_reduce`). At batch 16 on a 2-core AMD EPYC
-#: (one MoE layer, compiled) they took 0.5-0.9x the time of the all-experts or grouped products for
-#: E 8 k 2 (d 64-256) and E 64 k 8 (d 128); at 16 slots per expert they lost for d 256, F 512.
-FUSED_REDUCE_MAX_SLOTS_PER_EXPERT = 8
+#: run as fused per-slot reductions (:func:`experts_fused_reduce`). On a 2-core AMD EPYC (one MoE layer,
+#: compiled) they took 0.5-0.9x the time of the all-experts or grouped products at batch 16 for E 8 k 2
+#: (d 64-256) and E 64 k 8 (d 128), 0.59-0.85x at 16 slots per expert, and 1.07x at 32 (d 256, F 512).
+FUSED_REDUCE_MAX_SLOTS_PER_EXPERT = 16
+#: Slots per loop of :func:`experts_fused_reduce`. Whole compiled decode steps at batch 16 on a 2-core AMD
+#: EPYC, against one slot per loop: 0.82x the time (vocab32k: d 256, F 512), 0.81x (E 64 k 8, d 128),
+#: 0.97x (d 128, F 256), 1.00x (d 64, F 128); 16 per loop was slower than 8.
+FUSED_REDUCE_SLOTS_PER_GROUP = 8
 
 
-def experts_fused_reduce(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.Tensor:
+def _slot_products(w_EOI: torch.Tensor, expert_S: torch.Tensor, a_SI: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[S, O]``: every slot's row of ``a`` times its expert's ``[O, I]`` weight, as elementwise products
+    summed over ``I`` in fp32 and rounded to ``dtype`` (as a matmul's output). ``S`` is a multiple of
+    ``group``: the slots are taken ``group`` at a time (slot ``n * group + g`` is the ``g``-th
+    product), so compiled, one loop runs ``group`` independent accumulators side by side and slots of
+    one expert share each weight load from L1."""
+    a_NGI = a_SI.view(a_SI.shape[0] // group, group, -1)
+    products = [
+        (to_acc(w_EOI[expert_S[g::group]].to(dtype)) * a_NGI[:, g].unsqueeze(1)).sum(dim=-1) for g in range(group)
+    ]
+    return torch.stack(products, dim=1).flatten(0, 1).to(dtype)
+
+
+def experts_fused_reduce(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing, group: int = 1) -> torch.Tensor:
     """Compiled CPU decode path for a batch: each slot's expert products written as elementwise products
     summed over ``D`` (then ``F``), which ``torch.compile`` turns into two loops that read every slot's
     expert weights in place -- no gathered copy of the weights, no per-expert matmul call, no
@@ -658,20 +671,25 @@ def experts_fused_reduce(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> 
 
     Slots are sorted by expert first, so an expert's slots run one after the other and re-read its
     weights from cache: the touched experts' weights come from memory once, as when computing them one
-    by one. The products accumulate in fp32 and are rounded to the compute dtype, as a matmul's outputs
-    are (the rounding points of the other paths, e.g. in bf16); the activation is :func:`materialize`-d
-    (computed once, not once per output channel) and the ``K`` outputs of a token are summed in fp32 in
-    a fixed order (deterministic). Eager it is correct but builds ``[S, 2F, D]``
+    by one. ``group`` slots run per loop (:func:`_slot_products`; the slots are padded with zero rows
+    to a multiple of it). The products accumulate in fp32 and are rounded to the compute dtype, as a
+    matmul's outputs are (the rounding points of the other paths, e.g. in bf16); the activation is
+    :func:`materialize`-d (computed once, not once per output channel) and the ``K`` outputs of a token
+    are summed in fp32 in a fixed order (deterministic). Eager it is correct but builds ``[S, 2F, D]``
     products: :func:`experts_static` uses it only while compiling."""
     dtype = _compute_dtype(x_TD)
     n_tokens, top_k = routing.expert_TK.shape
     plan = DispatchPlan.from_routing(routing)
-    expert_S = plan.expert_S
-    x_SD = materialize(to_acc(x_TD.to(dtype)).index_select(0, plan.token_S))
-    # each product accumulates in fp32 and is rounded to the compute dtype, as a matmul's output
-    h_S2F = (to_acc(w_gate_up_E2FD[expert_S].to(dtype)) * x_SD.unsqueeze(1)).sum(dim=-1).to(dtype)
-    a_SF = materialize(to_acc(_weighted_swiglu(h_S2F, plan.weight_S)))
-    y_SD = (to_acc(w_down_EDF[expert_S].to(dtype)) * a_SF.unsqueeze(1)).sum(dim=-1).to(dtype)
+    expert_S, weight_S = plan.expert_S, plan.weight_S
+    x_SD = to_acc(x_TD.to(dtype)).index_select(0, plan.token_S)
+    n_pad = -expert_S.numel() % group
+    if n_pad:  # zero rows of the last slot's expert
+        expert_S = torch.cat([expert_S, expert_S[-1:].expand(n_pad)])
+        weight_S = torch.cat([weight_S, weight_S.new_zeros(n_pad)])
+        x_SD = torch.cat([x_SD, x_SD.new_zeros(n_pad, x_SD.shape[1])])
+    h_S2F = _slot_products(w_gate_up_E2FD, expert_S, materialize(x_SD), group, dtype)
+    a_SF = materialize(to_acc(_weighted_swiglu(h_S2F, weight_S)))
+    y_SD = _slot_products(w_down_EDF, expert_S, a_SF, group, dtype)
     y_TKD = to_acc(y_SD[plan.inverse_S]).view(n_tokens, top_k, -1)
     return y_TKD.sum(dim=1).to(x_TD.dtype)
 
@@ -681,15 +699,16 @@ def experts_static(x_TD, w_gate_up_E2FD, w_down_EDF, routing: Routing) -> torch.
     compiled decode step). With at most ``E`` slots (or without ``grouped_mm`` for the dtype): the gathered-weights
     path, which reads only the selected experts; compiling on CPU with at most
     :data:`FUSED_REDUCE_MAX_SLOTS_PER_EXPERT` slots per expert: fused per-slot reductions
-    (:func:`experts_fused_reduce`); with few experts and a small product: every expert on
-    every token (:func:`experts_all_dense`, see :func:`_use_all_dense`); otherwise: one sort, a gather, two grouped
-    matmuls whose group ends come from ``searchsorted`` on the device, and the deterministic combine."""
+    (:func:`experts_fused_reduce`, :data:`FUSED_REDUCE_SLOTS_PER_GROUP` slots per loop); with few experts
+    and a small product: every expert on every token (:func:`experts_all_dense`, see
+    :func:`_use_all_dense`); otherwise: one sort, a gather, two grouped matmuls whose group ends come
+    from ``searchsorted`` on the device, and the deterministic combine."""
     n_slots, n_experts = routing.expert_TK.numel(), w_gate_up_E2FD.shape[0]
     if n_slots <= n_experts or not _grouped_mm_supports(x_TD):
         return experts_gathered(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
     compiling_on_cpu = x_TD.device.type == "cpu" and torch.compiler.is_compiling()  # the fused loops are the compiler's
     if compiling_on_cpu and n_slots <= FUSED_REDUCE_MAX_SLOTS_PER_EXPERT * n_experts:
-        return experts_fused_reduce(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
+        return experts_fused_reduce(x_TD, w_gate_up_E2FD, w_down_EDF, routing, FUSED_REDUCE_SLOTS_PER_GROUP)
     if _use_all_dense(x_TD, w_gate_up_E2FD, w_down_EDF, routing):
         return experts_all_dense(x_TD, w_gate_up_E2FD, w_down_EDF, routing)
     dtype = _compute_dtype(x_TD)

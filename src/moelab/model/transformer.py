@@ -232,7 +232,9 @@ class MoELM(nn.Module):
             block.moe.set_backend(backend)
         self.config.moe_backend = backend  # type: ignore[assignment]
 
-    def decode_step(self, input_B: torch.Tensor, positions_B: torch.Tensor, cache: KVCache, mask_BS: torch.Tensor) -> torch.Tensor:
+    def decode_step(
+        self, input_B: torch.Tensor, positions_B: torch.Tensor, cache: KVCache, mask_BS: torch.Tensor, greedy: bool = False
+    ) -> torch.Tensor:
         """One decoding step with no host synchronisation and no data-dependent shapes, so that
         ``torch.compile`` captures it as one graph (:func:`moelab.eval.generate.generate` with ``compile=True``).
 
@@ -242,7 +244,9 @@ class MoELM(nn.Module):
         left-padded), which the mask includes. Attention runs over the first ``S`` cache slots (mark
         ``S`` dynamic so one compiled graph serves every step) and the
         MoE layers use host-synchronisation-free dispatch (``static_shapes=True``). Does not change
-        ``cache.length``. Returns fp32 logits ``[B, V]``.
+        ``cache.length``. Returns fp32 logits ``[B, V]``, or with ``greedy`` their ``argmax`` (int64 ``[B]``,
+        the first maximum; compiled, it is a vectorised reduction inside the graph, where eager
+        ``argmax`` over a 32 000-token vocabulary costs ~0.35 ms per batch-16 step on a 2-core CPU).
         """
         cfg = self.config
         cos, sin = rope_cos_sin(positions_B[:, None], cfg.head_dim, cfg.rope_theta)
@@ -250,7 +254,8 @@ class MoELM(nn.Module):
         x_B1D = self.embed(input_B[:, None])
         for i, block in enumerate(self.layers):
             x_B1D = block.decode_step(x_B1D, cos, sin, cache.keys[i], cache.values[i], mask_B11S)
-        return to_acc(self.lm_head(self.norm(x_B1D[:, 0])))
+        logits_BV = to_acc(self.lm_head(self.norm(x_B1D[:, 0])))
+        return logits_BV.argmax(dim=-1) if greedy else logits_BV
 
     def forward(
         self,
