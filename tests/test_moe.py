@@ -262,11 +262,17 @@ def test_blocked_cpu_dispatch_matches_naive(block_bytes, monkeypatch):
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-5)
 
 
-def test_blocked_cpu_dispatch_is_bitwise_independent_of_the_block_size(monkeypatch):
+@pytest.mark.parametrize("token_chunk", [512, 16])
+def test_blocked_cpu_dispatch_is_bitwise_independent_of_the_block_size(monkeypatch, token_chunk):
     """The block size follows the machine's caches (and thread count); every expert's products and
-    every token's sum run in the same order whatever the blocks, so results are equal bit for bit."""
+    every token's sum run in the same order whatever the blocks, so results are equal bit for bit.
+    One block computes the expert weight gradients with one grouped matmul when no expert has more
+    than TOKEN_CHUNK rows (~75 here), else with the per-expert loop (TOKEN_CHUNK 16)."""
     import moelab.model.moe as moe_module
+    import moelab.model.weight_grad as weight_grad_module
 
+    monkeypatch.setattr(moe_module, "TOKEN_CHUNK", token_chunk)
+    monkeypatch.setattr(weight_grad_module, "TOKEN_CHUNK", token_chunk)
     moe = make_moe(16, 4, D=32, Fh=24)
     x = torch.randn(300, 32)
     results = []

@@ -46,6 +46,25 @@ def test_weight_grad_does_not_depend_on_the_thread_count(shape):
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
+@pytest.mark.parametrize("counts", [[0, 5, 0, TOKEN_CHUNK, 1, 0], [3, 0, 0], [0, 0, 0], [TOKEN_CHUNK - 1, 200, 2, 100], [TOKEN_CHUNK + 1, 3]])
+def test_expert_weight_grads_equal_weight_grad_per_expert(counts):
+    """The experts' weight gradients -- one grouped matmul when no expert has more than TOKEN_CHUNK
+    rows, else a loop of ``weight_grad`` -- have ``weight_grad``'s bits for every expert (zero without
+    rows) at any thread count, returned fresh or written into a given tensor."""
+    from moelab.model.moe import _expert_weight_grads, _host_offsets
+
+    g = torch.Generator().manual_seed(len(counts))
+    dy, x = torch.randn(sum(counts), 48, generator=g), torch.randn(sum(counts), 40, generator=g)
+    offsets = _host_offsets(counts, dy.device)
+    ref = torch.stack([weight_grad(dy_e, x_e) if n else torch.zeros(48, 40) for n, dy_e, x_e in zip(counts, dy.split(counts), x.split(counts))])
+    for n in (1, 2, 3):
+        with threads(n):
+            given = torch.full((len(counts), 48, 40), float("nan"))
+            assert _expert_weight_grads(dy, x, counts, offsets, given) is given
+            assert torch.equal(given, ref)
+            assert torch.equal(_expert_weight_grads(dy, x, counts, offsets, None), ref)
+
+
 def test_token_order_linear_gradients():
     x = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
