@@ -39,7 +39,12 @@ def _layer_target(shape) -> float:
 def _moe_rows(payload: dict, label: str, hf_target: float = HF_TARGET) -> list[list[str]]:
     """One summary row per layer shape. Where the dense target is missed, the verdict says whether it is
     out of reach by the shape's own bounds (``matmul_flop_ratio``: the router's FLOPs on top of the
-    experts'; ``matmuls``: the layer's per-expert matmuls alone, timed), which no dispatch work can lower."""
+    experts'; ``matmuls``: the layer's per-expert matmuls alone, timed), which no dispatch work can lower;
+    where the transformers target is missed, whether meeting it would take less time than those matmuls.
+    The result also shows the row-copying estimate (``+ dense non-matmul``,
+    :func:`benchmarks.moe_layer.copy_dispatch_estimate`), never a verdict: it is not a bound."""
+    from .moe_layer import copy_dispatch_estimate
+
     rows = []
     for r in payload["results"]:
         d, f, E, k = r["shape"]
@@ -51,12 +56,19 @@ def _moe_rows(payload: dict, label: str, hf_target: float = HF_TARGET) -> list[l
         ok = dense_ok and (speedup is None or E < 32 or speedup >= hf_target)
         bounds = {"FLOPs": r.get("flop_ratio"), "matmuls alone": ratio.get("matmuls")}
         over = [f"{name} {v:.2f}x" for name, v in bounds.items() if v is not None and v > target_dense]
-        verdict = "yes" if ok else "NO" + (f" (dense target out of reach: {', '.join(over)})" if over and not dense_ok else "")
+        notes = [f"dense target out of reach: {', '.join(over)}"] if over and not dense_ok else []
+        if speedup is not None and E >= 32 and speedup < hf_target and "matmuls" in ratio:
+            needed = min(hf) / hf_target  # our time over the dense floor that the transformers target asks for
+            if needed < ratio["matmuls"]:
+                notes.append(f"HF target out of reach: needs {needed:.2f}x dense, matmuls alone {ratio['matmuls']:.2f}x")
+        verdict = "yes" if ok else "NO" + (f" ({'; '.join(notes)})" if notes else "")
+        has_copies = "row_copies" in ratio and "matmuls" in ratio
         rows.append([
             f"MoE layer {label} (d={d},F={f},E={E},k={k}) load {r['max_over_mean_load']:.1f}",
             f"{ratio_text(ratio['grouped_mm'], r['ratio_iqr']['grouped_mm'])} x dense" + (f", {speedup:.2f}x faster than HF best" if speedup else "")
             + (f"; matmuls alone {ratio['matmuls']:.2f}x" if "matmuls" in ratio else "")
-            + (f", + row copies {ratio['matmuls'] + ratio['row_copies']:.2f}x" if "row_copies" in ratio and "matmuls" in ratio else ""),
+            + (f", + row copies {ratio['matmuls'] + ratio['row_copies']:.2f}x" if has_copies else "")
+            + (f", + dense non-matmul {copy_dispatch_estimate(ratio):.2f}x" if has_copies and "dense_matmuls" in ratio else ""),
             f"<= {target_dense}x dense" + (f", >= {hf_target}x HF" if E >= 32 else ""),
             verdict,
         ])

@@ -12,6 +12,11 @@ For each shape (d, d_expert, E, k) at T tokens (fp32), this measures in one run:
   gather and combine forward, gather and scatter-add backward); ``+ row copies`` is the matmuls' ratio
   plus theirs -- the floor of such an implementation when it does nothing else (no routing, activation,
   allocation or Python),
+* the dense FFN's own matmuls alone (:func:`dense_matmuls_only`); one minus their ratio is the dense
+  FFN's non-matmul share -- its SwiGLU activation and gradient, on as many elements as the layer's
+  (``T * k * d_expert`` gate and up values) -- and ``+ dense non-matmul`` adds that share to ``+ row
+  copies``: an estimate (not a bound: fused kernels could do that work faster) of a row-copying layer
+  that does the dense FFN's elementwise work and nothing else (no routing, no Python),
 * transformers' ``MixtralSparseMoeBlock`` with each of its experts implementations (same weights;
   its ``eager`` Python loop over experts only up to :data:`HF_EAGER_MAX_EXPERTS` experts: above, it
   measured 17-540x the floor against 5-9x for its ``grouped_mm`` and would take most of the run),
@@ -132,6 +137,26 @@ def matmuls_only(moe: MoE, x_TD: torch.Tensor, counts: list[int]):
     return run
 
 
+def dense_matmuls_only(dense: DenseSwiGLU, x_TD: torch.Tensor):
+    """A callable running the dense FFN's six matmuls alone (forward ``x @ w_gate_up`` and ``a @ w_down``;
+    backward the two input gradients and the two weight gradients), one ``torch.mm`` each into
+    preallocated outputs, as :func:`matmuls_only` does for the layer: the dense FFN's time minus this
+    is its non-matmul (activation) work. Values are random; only the shapes matter."""
+    T, D = x_TD.shape
+    w_gu, w_d = dense.w_gate_up.detach(), dense.w_down.detach()  # [D, 2H], [H, D]
+    H = w_d.shape[0]
+    g = torch.Generator().manual_seed(2)
+    h, a, y, dy, da, dh, dx = (torch.randn(*shape, generator=g) * 0.1 for shape in
+                               ((T, 2 * H), (T, H), (T, D), (T, D), (T, H), (T, 2 * H), (T, D)))
+    dw_gu, dw_d = torch.empty_like(w_gu), torch.empty_like(w_d)
+    calls = [(x_TD, w_gu, h), (a, w_d, y), (dy, w_d.t(), da), (dh, w_gu.t(), dx), (x_TD.t(), dh, dw_gu), (a.t(), dy, dw_d)]
+
+    def run():
+        for left, right, out in calls:
+            torch.mm(left, right, out=out)
+    return run
+
+
 def row_copies_only(x_TD: torch.Tensor, token_S: torch.Tensor):
     """A callable running the four row copies of a dispatch that moves rows to expert order and back,
     one kernel each into preallocated outputs: forward, the gather of the ``S`` routed rows of ``x``
@@ -177,7 +202,9 @@ def bench_shape(d, d_expert, E, k, tokens, skew, rounds, with_transformers=True,
     counts_E = routing.tokens_per_expert_E
     load = (counts_E.max() / counts_E.float().mean()).item()
     grad = torch.randn(tokens, d)
-    fns = {"dense": fwd_bwd(DenseSwiGLU(d, k * d_expert), x, grad), "matmuls": matmuls_only(moe, x, counts_E.tolist()),
+    dense = DenseSwiGLU(d, k * d_expert)
+    fns = {"dense": fwd_bwd(dense, x, grad), "dense_matmuls": dense_matmuls_only(dense, x),
+           "matmuls": matmuls_only(moe, x, counts_E.tolist()),
            "row_copies": row_copies_only(x, DispatchPlan.from_routing(routing).token_S)}
     backends = ["grouped_mm", "loop"]
     if with_naive if with_naive is not None else E <= 8:
@@ -217,9 +244,15 @@ def run(shapes, tokens=4096, skew=0.0, rounds=5, with_transformers=True, verbose
     return results
 
 
+def copy_dispatch_estimate(ratio: dict[str, float]) -> float:
+    """The ``+ dense non-matmul`` estimate over the dense floor: the layer's matmuls alone, its four row
+    copies and the dense FFN's own non-matmul share (``1 - dense_matmuls``)."""
+    return ratio["matmuls"] + ratio["row_copies"] + 1.0 - ratio["dense_matmuls"]
+
+
 def report(results: list[dict], title: str) -> None:
     names = ["grouped_mm", "loop", "naive", "hf_eager", "hf_batched_mm", "hf_grouped_mm"]
-    cols = (["(d, F, E, k)", "load max/mean", "dense ms", "FLOPs /dense", "matmuls only /dense", "+ row copies"]
+    cols = (["(d, F, E, k)", "load max/mean", "dense ms", "FLOPs /dense", "matmuls only /dense", "+ row copies", "+ dense non-matmul"]
             + [f"{n} /dense" for n in names] + ["hf best / ours"])
     rows = []
     for r in results:
@@ -229,7 +262,7 @@ def report(results: list[dict], title: str) -> None:
         rows.append(
             [str(r["shape"]), f"{r['max_over_mean_load']:.2f}", f"{1e3 * r['seconds']['dense']:.1f}",
              f"{r['flop_ratio']:.2f}", ratio_text(ratio["matmuls"], r["ratio_iqr"]["matmuls"]),
-             f"{ratio['matmuls'] + ratio['row_copies']:.2f}"]
+             f"{ratio['matmuls'] + ratio['row_copies']:.2f}", f"{copy_dispatch_estimate(ratio):.2f}"]
             + [ratio_text(ratio["grouped_mm"], r["ratio_iqr"]["grouped_mm"])]  # ours, with its spread
             + [ratio_text(ratio[n]) if n in ratio else "-" for n in names[1:]]
             + [f"{best_hf / ratio['grouped_mm']:.2f}x" if hf else "-"]

@@ -100,6 +100,24 @@ def test_summary_names_bounds_that_put_the_dense_target_out_of_reach():
     with_copies["ratio_to_dense"]["row_copies"] = 0.05  # shown next to the matmuls, never a reach verdict
     row = _moe_rows({"results": [with_copies]}, "uniform")[0]
     assert "matmuls alone 0.90x, + row copies 0.95x" in row[1] and row[-1] == "NO"
+    with_copies["ratio_to_dense"]["dense_matmuls"] = 0.88  # the dense FFN's non-matmul share: 0.12
+    row = _moe_rows({"results": [with_copies]}, "uniform")[0]
+    assert "+ row copies 0.95x, + dense non-matmul 1.07x" in row[1] and row[-1] == "NO"
+
+
+def test_summary_says_when_the_transformers_target_needs_less_than_the_matmuls():
+    """>= 1.7x faster than transformers' best asks for at most its time / 1.7; when that is below the
+    layer's matmuls alone the verdict says so, otherwise a miss is a plain NO."""
+    from benchmarks.__main__ import _moe_rows
+
+    def result(ours, matmuls, hf):
+        return {"shape": (512, 256, 32, 4), "max_over_mean_load": 1.1, "flop_ratio": 1.01, "ratio_iqr": {"grouped_mm": (ours, ours)},
+                "ratio_to_dense": {"grouped_mm": ours, "matmuls": matmuls, "hf_grouped_mm": hf, "hf_eager": 2 * hf}}
+
+    rows = _moe_rows({"results": [result(1.10, 1.02, 1.50), result(1.10, 0.80, 1.50), result(0.85, 0.80, 1.50)]}, "uniform")
+    assert rows[0][-1] == "NO (HF target out of reach: needs 0.88x dense, matmuls alone 1.02x)"  # 1.50 / 1.7
+    assert rows[1][-1] == "NO"  # 0.88x would be possible: above the matmuls' 0.80x
+    assert rows[2][-1] == "yes"  # 1.50 / 0.85 = 1.76x faster
 
 
 def test_row_copies_floor_runs_the_four_dispatch_copies():
@@ -124,6 +142,32 @@ def test_row_copies_floor_runs_the_four_dispatch_copies():
         run()
     copies = [n for n in ops.names if n not in ("zero_",)]
     assert sorted(copies) == ["index_add_", "index_add_", "index_select", "index_select"], ops.names
+
+
+def test_dense_matmuls_floor_runs_the_dense_ffns_six_products():
+    """The dense FFN's matmuls alone: six ``mm`` calls (two forward, two input and two weight gradients)
+    with 3 x the forward's FLOPs, 18 T D H for hidden width H, and nothing else."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from benchmarks.moe_layer import DenseSwiGLU, dense_matmuls_only
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.flops, self.names = 0, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__.split(".")[0])
+            if self.names[-1] == "mm":
+                (m, k), n = args[0].shape, args[1].shape[1]
+                self.flops += 2 * m * k * n
+            return func(*args, **(kwargs or {}))
+
+    T, D, H = 10, 8, 12
+    run = dense_matmuls_only(DenseSwiGLU(D, H), torch.randn(T, D))
+    with Ops() as ops:
+        run()
+    assert ops.names == ["mm"] * 6 and ops.flops == 18 * T * D * H
 
 
 def test_matmul_flop_ratio_counts_router_and_active_experts():
@@ -152,3 +196,18 @@ def test_matmul_flop_ratio_counts_router_and_active_experts():
     counts = route(x, moe.router.weight, k, True).tokens_per_expert_E.tolist()
     assert flops(matmuls_only(moe, x, counts)) == 3 * moe_fwd
     assert matmul_flop_ratio(256, 64, 256, 1) == pytest.approx(7 / 3)
+
+
+def test_layer_benchmark_runs_end_to_end_on_a_tiny_shape(capsys):
+    """One tiny shape through ``bench_shape`` and ``report``: every timed function present, the
+    summary row built from it (a smoke test; the numbers are not checked)."""
+    from benchmarks.__main__ import _moe_rows
+    from benchmarks.moe_layer import bench_shape, copy_dispatch_estimate, report
+
+    r = bench_shape(32, 16, 8, 2, tokens=64, skew=0.0, rounds=1, with_transformers=False)
+    assert set(r["ratio_to_dense"]) == {"dense", "dense_matmuls", "matmuls", "row_copies", "grouped_mm", "loop", "naive"}
+    report([r], "tiny")
+    out = capsys.readouterr().out
+    assert "non-matmul" in out and f"{copy_dispatch_estimate(r['ratio_to_dense']):.2f}" in out
+    row = _moe_rows({"results": [r]}, "uniform")[0]
+    assert "+ dense non-matmul" in row[1] and row[-1].split()[0] in ("yes", "NO")
