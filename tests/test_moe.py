@@ -271,7 +271,6 @@ def test_blocked_cpu_dispatch_is_bitwise_independent_of_the_block_size(monkeypat
     import moelab.model.moe as moe_module
     import moelab.model.weight_grad as weight_grad_module
 
-    monkeypatch.setattr(moe_module, "TOKEN_CHUNK", token_chunk)
     monkeypatch.setattr(weight_grad_module, "TOKEN_CHUNK", token_chunk)
     moe = make_moe(16, 4, D=32, Fh=24)
     x = torch.randn(300, 32)

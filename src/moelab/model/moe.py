@@ -60,7 +60,7 @@ from .losses import load_balancing_loss, router_z_loss
 from .materialize import materialize
 from .precision import acc_dtype, to_acc
 from .swiglu import weighted_swiglu, weighted_swiglu_backward, weighted_swiglu_forward
-from .weight_grad import TOKEN_CHUNK, linear, weight_grad
+from .weight_grad import is_one_product, linear, weight_grad
 
 BACKENDS = ("grouped_mm", "loop", "naive")
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
@@ -307,7 +307,7 @@ def _expert_weight_grads(dy_SN, x_SK, counts: list[int], offsets_E: torch.Tensor
     (bitwise equal, tested), without a Python step per expert (E 256, k 8: 18.3 instead of 21.0 ms for
     one of the two). Otherwise a loop of :func:`weight_grad` calls. The result is written into
     ``grad_ENK`` when given (``grouped_mm`` has no ``out=``: a copy) and returned."""
-    if max(counts, default=0) <= TOKEN_CHUNK:
+    if is_one_product(max(counts, default=0)):
         grouped_ENK = F.grouped_mm(dy_SN.t(), x_SK, offs=offsets_E)
         return grouped_ENK if grad_ENK is None else grad_ENK.copy_(grouped_ENK)
     if grad_ENK is None:

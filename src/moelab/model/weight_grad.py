@@ -36,6 +36,13 @@ import torch.nn.functional as F
 TOKEN_CHUNK = 512
 
 
+def is_one_product(n_tokens: int) -> bool:
+    """Whether :func:`weight_grad` sums ``n_tokens`` tokens in a single product (one BLAS call, no
+    chunks): then any caller making that same call per group gets its bits (the CPU experts' grouped
+    weight gradients in ``moe.py``). Reads :data:`TOKEN_CHUNK` at call time."""
+    return n_tokens <= TOKEN_CHUNK
+
+
 def weight_grad(dy_TN: torch.Tensor, x_TK: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``dy_TN.T @ x_TK`` (``[N, K]``) summed over ``T`` in chunks of :data:`TOKEN_CHUNK` tokens, each
     chunk's product added in token order (``addmm_``): bitwise the same at any thread count. Written
